@@ -1,0 +1,96 @@
+"""Building blocks shared by the UNet, the VAE and the CLIP text encoder (Flax NNX, NHWC).
+
+Module attribute names mirror the PyTorch module names of diffusers/transformers (`to_q`, `to_out[0]`,
+`resnets[1].conv1`, ...), so a parameter path in our state is the torch state-dict key with `weight` renamed
+(`kernel`/`scale`/`embedding`). weights.py relies on that to convert checkpoints without per-model key tables.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Layers:
+  """Creates layers with one compute dtype and one parameter dtype (fp32 params + bf16 compute works)."""
+
+  rngs: nnx.Rngs
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  def linear(self, features_in: int, features_out: int, use_bias: bool = True) -> nnx.Linear:
+    return nnx.Linear(features_in, features_out, use_bias=use_bias, dtype=self.dtype,
+                      param_dtype=self.param_dtype, rngs=self.rngs)
+
+  def conv(self, features_in: int, features_out: int, kernel: int = 3, stride: int = 1,
+           padding: int | None = None) -> nnx.Conv:
+    padding = kernel // 2 if padding is None else padding
+    return nnx.Conv(features_in, features_out, kernel_size=(kernel, kernel), strides=(stride, stride),
+                    padding=((padding, padding), (padding, padding)), dtype=self.dtype,
+                    param_dtype=self.param_dtype, rngs=self.rngs)
+
+  def group_norm(self, channels: int, groups: int, eps: float) -> nnx.GroupNorm:
+    # use_fast_variance=False: E[x^2]-E[x]^2 loses precision against torch's two-pass variance.
+    return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                         dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
+  def layer_norm(self, dim: int, eps: float) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
+                         param_dtype=self.param_dtype, rngs=self.rngs)
+
+  def embed(self, count: int, dim: int) -> nnx.Embed:
+    return nnx.Embed(count, dim, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch/HF "gelu" is the exact erf form
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str, where: str):
+  if name not in ACTIVATIONS:
+    raise ValueError(f"{where}: activation {name!r} is not supported (supported: {sorted(ACTIVATIONS)})")
+  return ACTIVATIONS[name]
+
+
+def require(config: dict, key: str, allowed, where: str):
+  """Fails at load time for a config value the implementation does not support (never a silently wrong model)."""
+  value = config.get(key, allowed[0])
+  if value not in allowed:
+    raise ValueError(f"{where}: config key {key!r} = {value!r} is not supported (supported: {list(allowed)})")
+  return value
+
+
+def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, implementation: str | None = None):
+  """Scaled dot-product attention. Logits and softmax run in fp32 whatever the inputs (= diffusers'
+  upcast_attention/upcast_softmax); on GPU the cuDNN flash kernel is used where it applies."""
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
+                                      implementation=implementation)
+
+
+class Attention(nnx.Module):
+  """diffusers' `Attention` (to_q/to_k/to_v/to_out.0), self- or cross-attention over tokens."""
+
+  def __init__(self, query_dim: int, heads: int, head_dim: int, layers: Layers, *, context_dim: int | None = None,
+               qkv_bias: bool = False, implementation: str | None = None):
+    inner = heads * head_dim
+    context_dim = context_dim or query_dim
+    self.heads, self.head_dim, self.implementation = heads, head_dim, implementation
+    self.to_q = layers.linear(query_dim, inner, use_bias=qkv_bias)
+    self.to_k = layers.linear(context_dim, inner, use_bias=qkv_bias)
+    self.to_v = layers.linear(context_dim, inner, use_bias=qkv_bias)
+    self.to_out = nnx.List([layers.linear(inner, query_dim)])  # torch: to_out.0 (to_out.1 is dropout)
+
+  def __call__(self, x_BTC, context_BSC=None):
+    context_BSC = x_BTC if context_BSC is None else context_BSC
+    split = lambda y: y.reshape(*y.shape[:2], self.heads, self.head_dim)
+    q, k, v = split(self.to_q(x_BTC)), split(self.to_k(context_BSC)), split(self.to_v(context_BSC))
+    out_BTNH = attention(q, k, v, implementation=self.implementation)
+    return self.to_out[0](out_BTNH.reshape(*out_BTNH.shape[:2], -1))

@@ -1,0 +1,286 @@
+"""Diffusers folders <-> our NNX modules: find, read, convert, load strictly, and save back.
+
+Our parameter paths equal the torch state-dict keys (see models/layers.py), so conversion is generic:
+  `<path>.kernel` (conv, HWIO) <- `<path>.weight` (OIHW);  `<path>.kernel` (linear, in x out) <- `.weight` (out x in)
+  `<path>.scale` (norms) and `<path>.embedding` (embeddings) <- `<path>.weight`;  `<path>.bias` <- `.bias`.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dreambooth_jax import safetensors_io
+from dreambooth_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
+from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
+from dreambooth_jax.safetensors_io import CheckpointError
+
+COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+# Buffers some checkpoints carry that are not parameters.
+IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")
+# Old VAE checkpoints name the mid-block attention like this; diffusers renames them on load too.
+DEPRECATED_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+def torch_key(path: tuple) -> str:
+  *prefix, leaf = (str(p) for p in path)
+  leaf = {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+  return ".".join([*prefix, leaf])
+
+
+def from_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
+  return array
+
+
+def to_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel":
+    return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
+  return array
+
+
+def normalize_keys(state_dict: dict, component: str) -> dict:
+  """Accepts the key spellings found in the wild: CLIP with/without `text_model.`, deprecated VAE attention."""
+  out = {}
+  for key, value in state_dict.items():
+    if key in IGNORED_KEYS:
+      continue
+    if component == "text_encoder" and key.startswith("text_model."):
+      key = key[len("text_model."):]
+    if component == "vae" and ".attentions." in key:
+      head, name, leaf = key.rsplit(".", 2)
+      if name in DEPRECATED_VAE_ATTENTION:
+        key = f"{head}.{DEPRECATED_VAE_ATTENTION[name]}.{leaf}"
+        if value.ndim == 4:  # ldm-era 1x1 conv weights
+          value = value[:, :, 0, 0]
+    out[key] = value
+  return out
+
+
+def module_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
+  """Torch-named, torch-layout numpy arrays of a module's parameters (what diffusers' state_dict() holds)."""
+  flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
+  return {torch_key(path): to_torch_layout(path, np.asarray(jax.device_get(var.get_value())))
+          for path, var in flat}
+
+
+def state_to_torch_dict(state: nnx.State) -> dict[str, np.ndarray]:
+  return {torch_key(path): to_torch_layout(path, np.asarray(jax.device_get(var.get_value())))
+          for path, var in nnx.to_flat_state(state)}
+
+
+def load_module(make: Callable[[], nnx.Module], state_dict: dict, *, where: str, param_dtype=jnp.float32):
+  """Builds `make()` abstractly (no random init) and fills it from a torch state dict, strictly."""
+  abstract = nnx.eval_shape(make)
+  graphdef, state = nnx.split(abstract)
+  flat = nnx.to_flat_state(state)
+  expected = {torch_key(path): (path, var) for path, var in flat if isinstance(var, nnx.Param)}
+  missing = sorted(set(expected) - set(state_dict))
+  unexpected = sorted(set(state_dict) - set(expected))
+  if missing or unexpected:
+    raise CheckpointError(f"{where}: checkpoint does not match the model built from its config.json.\n"
+                          f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
+                          f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}"
+                          f"{' ...' if len(unexpected) > 20 else ''}")
+  values = []
+  for path, var in flat:
+    if not isinstance(var, nnx.Param):
+      values.append((path, var))
+      continue
+    key = torch_key(path)
+    array = from_torch_layout(path, state_dict[key])
+    if array.shape != var.get_value().shape:
+      raise CheckpointError(f"{where}: tensor {key!r} has shape {tuple(state_dict[key].shape)}, the model "
+                            f"expects {to_torch_layout(path, np.empty(var.get_value().shape)).shape}")
+    values.append((path, var.replace(jnp.asarray(array, dtype=param_dtype))))
+  return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+
+# ----------------------------------------------------------------------------------------------- folders
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
+  """A local diffusers folder as is; otherwise a hub id fetched with huggingface_hub (needs a network)."""
+  path = pathlib.Path(name_or_path).expanduser()
+  if path.exists():
+    if not (path / "model_index.json").is_file():
+      raise CheckpointError(f"{path}: not a diffusers model folder (no model_index.json)")
+    return path
+  name = str(name_or_path)
+  if name.startswith((".", "/", "~")) or name.count("/") != 1:
+    raise CheckpointError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
+  try:
+    from huggingface_hub import snapshot_download
+    return pathlib.Path(snapshot_download(
+        name, allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"]))
+  except Exception as e:  # offline, unknown repo, gated repo ...
+    raise CheckpointError(
+        f"{name}: could not fetch from the Hugging Face hub ({type(e).__name__}: {e}). Without a network, "
+        "download the model elsewhere (`huggingface-cli download {name}`) and pass the local folder path instead."
+    ) from None
+
+
+def read_json(path: pathlib.Path) -> dict:
+  if not path.is_file():
+    raise CheckpointError(f"{path}: missing")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+
+
+def weight_files(folder: pathlib.Path, stem: str, variant: str | None) -> list[pathlib.Path]:
+  """The safetensors file(s) of one component: single file or sharded index, preferring the variant."""
+  if not folder.is_dir():
+    raise CheckpointError(f"{folder}: missing component folder")
+  variants = [variant, None] if variant else [None, "fp16"]
+  for v in variants:
+    name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
+    if (folder / name).is_file():
+      return [folder / name]
+    index = folder / f"{name}.index.json"
+    if index.is_file():
+      shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+      if not shards:
+        raise CheckpointError(f"{index}: empty weight_map")
+      return [folder / s for s in shards]
+  pickles = [p for p in folder.iterdir() if p.suffix in safetensors_io.PICKLE_SUFFIXES]
+  if pickles:
+    safetensors_io.refuse_pickle(pickles[0])
+  raise CheckpointError(f"{folder}: no {stem}.safetensors (or sharded index, or fp16 variant) found")
+
+
+def read_component_weights(model_dir: pathlib.Path, component: str, variant: str | None = None) -> dict:
+  tensors = {}
+  for f in weight_files(model_dir / component, WEIGHT_NAMES[component], variant):
+    if not f.is_file():
+      raise CheckpointError(f"{f}: listed in the shard index but missing")
+    tensors.update(safetensors_io.load_file(f))
+  return normalize_keys(tensors, component)
+
+
+CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
+MODEL_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+
+
+def make_model(component: str, config, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, **kwargs):
+  return MODEL_CLASSES[component](config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, **kwargs)
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """The components of a Stable Diffusion pipeline: NNX modules, their raw configs and the noise schedule."""
+
+  unet: Any
+  vae: Any
+  text_encoder: Any
+  tokenizer: Any
+  schedule: Any
+  configs: dict  # raw config.json dicts per component, plus "scheduler" and "model_index"
+  model_dir: pathlib.Path | None = None
+
+
+def load_component(model_dir: pathlib.Path, component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                   variant: str | None = None, **model_kwargs):
+  raw = read_json(model_dir / component / "config.json")
+  config = CONFIG_CLASSES[component].from_dict(raw)
+  state_dict = read_component_weights(model_dir, component, variant)
+  module = load_module(lambda: make_model(component, config, dtype=dtype, param_dtype=param_dtype, **model_kwargs),
+                       state_dict, where=str(model_dir / component), param_dtype=param_dtype)
+  return module, raw
+
+
+def load_pipeline(name_or_path, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
+                  unet_kwargs: dict | None = None) -> StableDiffusion:
+  from dreambooth_jax import schedule, tokenizer  # noqa: PLC0415 (keep this module's import floor low)
+
+  model_dir = resolve_model_dir(name_or_path)
+  index = read_json(model_dir / "model_index.json")
+  configs, modules = {"model_index": index}, {}
+  for component in COMPONENTS:
+    modules[component], configs[component] = load_component(
+        model_dir, component, dtype=dtype, param_dtype=param_dtype, variant=variant,
+        **(unet_kwargs or {} if component == "unet" else {}))
+  configs["scheduler"] = read_json(model_dir / "scheduler" / "scheduler_config.json")
+  return StableDiffusion(**modules, tokenizer=tokenizer.load_tokenizer(model_dir / "tokenizer"),
+                         schedule=schedule.schedule_from_config(configs["scheduler"]), configs=configs,
+                         model_dir=model_dir)
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+def save_component(module_or_state, raw_config: dict, out_dir: pathlib.Path, component: str,
+                   dtype: str | None = None):
+  """Writes config.json + safetensors with the original key names into out_dir/component."""
+  folder = out_dir / component
+  folder.mkdir(parents=True, exist_ok=True)
+  if isinstance(module_or_state, nnx.Module):
+    tensors = module_state_dict(module_or_state)
+  else:
+    tensors = state_to_torch_dict(module_or_state)
+  if component == "text_encoder":  # real hub checkpoints (and transformers 4.x) use the prefix
+    tensors = {f"text_model.{k}": v for k, v in tensors.items()}
+  if dtype is not None:
+    tensors = {k: v.astype(dtype) for k, v in tensors.items()}
+  (folder / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True))
+  safetensors_io.save_file(tensors, folder / f"{WEIGHT_NAMES[component]}.safetensors",
+                           metadata={"format": "pt"})
+
+
+def save_pipeline(sd: StableDiffusion, out_dir, *, replace: dict | None = None, dtype: str | None = None):
+  """A diffusers folder that StableDiffusionPipeline.from_pretrained loads. `replace` maps component -> module
+  or nnx.State to write instead of the pipeline's own (e.g. the trained UNet)."""
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  replace = replace or {}
+  for component in COMPONENTS:
+    save_component(replace.get(component, getattr(sd, component)), sd.configs[component], out_dir, component, dtype)
+  (out_dir / "scheduler").mkdir(exist_ok=True)
+  (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd.configs["scheduler"], indent=2))
+  sd.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
+  index = dict(sd.configs["model_index"])
+  for key in ("safety_checker", "feature_extractor", "image_encoder"):  # not exported: drop, don't dangle
+    if key in index:
+      index[key] = [None, None]
+  index.setdefault("requires_safety_checker", False)
+  (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+  return out_dir
+
+
+TINY_MODEL = pathlib.Path(__file__).parent / "assets" / "tiny-sd"
+
+
+def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+                    unet_kwargs: dict | None = None) -> StableDiffusion:
+  """A pipeline with seeded random weights from a folder of config.json files only (the offline default)."""
+  from dreambooth_jax import schedule, tokenizer  # noqa: PLC0415
+
+  config_dir = pathlib.Path(config_dir)
+  configs, modules = {"model_index": read_json(config_dir / "model_index.json")}, {}
+  for i, component in enumerate(COMPONENTS):
+    configs[component] = read_json(config_dir / component / "config.json")
+    config = CONFIG_CLASSES[component].from_dict(configs[component])
+    modules[component] = make_model(component, config, seed=seed + i, dtype=dtype, param_dtype=param_dtype,
+                                    **(unet_kwargs or {} if component == "unet" else {}))
+  configs["scheduler"] = read_json(config_dir / "scheduler" / "scheduler_config.json")
+  tok_dir = config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else tokenizer.BUNDLED_TOKENIZER
+  return StableDiffusion(**modules, tokenizer=tokenizer.load_tokenizer(tok_dir),
+                         schedule=schedule.schedule_from_config(configs["scheduler"]), configs=configs,
+                         model_dir=None)
+
+
+def load_or_init_pipeline(name_or_path, *, random_init: bool = False, seed: int = 0, **kwargs) -> StableDiffusion:
+  """`random_init` builds the model from the folder's configs with random weights (the tiny offline default)."""
+  if random_init:
+    return random_pipeline(name_or_path, seed=seed, **kwargs)
+  return load_pipeline(name_or_path, **kwargs)

@@ -1,0 +1,15 @@
+import pytest
+
+from reference_models import TINY_SD1, TINY_SD2, save_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_dir(tmp_path_factory):
+    """A diffusers folder (fp32 safetensors) of a tiny random-weight SD-1.x-shaped pipeline."""
+    return save_pipeline(TINY_SD1, tmp_path_factory.mktemp("tiny_sd1") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_dir(tmp_path_factory):
+    """A tiny SD-2.x-shaped pipeline saved with fp16 variant files, as the SD 2.1 hub repo ships them."""
+    return save_pipeline(TINY_SD2, tmp_path_factory.mktemp("tiny_sd2") / "model", variant="fp16")

@@ -1,0 +1,90 @@
+"""Reference Stable Diffusion pipelines built with diffusers/transformers (PyTorch) and random weights.
+
+Tests load these folders with our Flax code and compare against the torch modules on the same weights.
+Built once per test session (see conftest.py); torch is a test-only dependency.
+"""
+
+import pathlib
+
+import numpy as np
+
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "dreambooth_jax" / "assets"
+TOKENIZER_DIR = ASSETS / "clip-tokenizer"
+
+# Small SD-1.x-shaped model: every block type, 2 resolutions, cross attention, conv projections.
+TINY_SD1 = dict(
+    unet=dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    ),
+    vae=dict(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1, norm_num_groups=8, sample_size=16,
+    ),
+    text_encoder=dict(
+        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu",
+        layer_norm_eps=1e-5, projection_dim=32,
+    ),
+    scheduler=dict(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    ),
+)
+
+# Small SD-2.x-shaped model: linear projections, per-block head dims, upcast attention, gelu CLIP, v-prediction.
+TINY_SD2 = dict(
+    unet=dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=(4, 8), norm_num_groups=8,
+        use_linear_projection=True, upcast_attention=True, transformer_layers_per_block=(1, 2),
+    ),
+    vae=TINY_SD1["vae"],
+    text_encoder=dict(TINY_SD1["text_encoder"], hidden_act="gelu", layer_norm_eps=1e-5),
+    scheduler=dict(TINY_SD1["scheduler"], prediction_type="v_prediction", timestep_spacing="trailing"),
+)
+
+
+def build_pipeline(spec: dict, seed: int = 0):
+    """Returns a diffusers StableDiffusionPipeline with random weights (non-trivial norms and biases)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+    tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
+    scheduler = DDIMScheduler(**spec["scheduler"])
+    # Default inits leave norm scales at 1 and many biases at 0, which would hide layout mistakes.
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in (unet, vae, text_encoder):
+            for name, p in module.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(spec: dict, path: pathlib.Path, seed: int = 0, **save_kwargs) -> pathlib.Path:
+    pipe = build_pipeline(spec, seed)
+    pipe.save_pretrained(str(path), **save_kwargs)
+    return path
+
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().cpu().float().numpy()
