@@ -1,0 +1,81 @@
+"""Sampler benchmark: our jitted DDIM loop vs diffusers-torch on the same device, in one run.
+
+  python benchmarks/sample.py --model=tiny --batch=4 --steps=20 --size=64         # CPU, the bundled tiny model
+  python benchmarks/sample.py --model=/path/to/sd15 --batch=8 --steps=50 --size=512  # GPU, SD 1.5
+
+Prints compile time, images/s for both and the ratio (ours / torch). Target on a GPU: >= 1.5x.
+"""
+
+import argparse
+import json
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dreambooth_jax import sampling, weights
+
+
+def torch_images_per_s(model_dir, prompts, steps, size, guidance, dtype, repeats):
+  import torch  # noqa: PLC0415
+  from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: PLC0415
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+  pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype).to(device)
+  pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+  pipe.set_progress_bar_config(disable=True)
+  run = lambda: pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+                     output_type="np")
+  run()  # warm-up
+  if device == "cuda":
+    torch.cuda.synchronize()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    run()
+  if device == "cuda":
+    torch.cuda.synchronize()
+  return len(prompts) * repeats / (time.perf_counter() - t0), device
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--model", default="tiny", help="'tiny' (random weights) or a diffusers folder")
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--size", type=int, default=64)
+  parser.add_argument("--guidance", type=float, default=7.5)
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no_torch", action="store_true")
+  args = parser.parse_args()
+  dtype = getattr(jnp, args.dtype)
+  if args.model == "tiny":
+    sd = weights.random_pipeline(dtype=dtype)
+    model_dir = pathlib.Path(tempfile.mkdtemp()) / "tiny"
+    weights.save_pipeline(sd, model_dir)
+  else:
+    sd, model_dir = weights.load_pipeline(args.model, dtype=dtype), args.model
+  prompts = ["a photo of sks dog"] * args.batch
+  settings = sampling.SamplerSettings(steps=args.steps, guidance=args.guidance, height=args.size, width=args.size)
+  t0 = time.perf_counter()
+  jax.block_until_ready(sampling.generate(sd, prompts, list(range(args.batch)), settings=settings))
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for r in range(args.repeats):
+    jax.block_until_ready(sampling.generate(sd, prompts, list(range(args.batch)), seed=r + 1, settings=settings))
+  ours = args.batch * args.repeats / (time.perf_counter() - t0)
+  result = {"device": str(jax.devices()[0].device_kind), "model": args.model, "batch": args.batch,
+            "steps": args.steps, "size": args.size, "dtype": args.dtype,
+            "first_call_incl_compile_s": round(first, 2), "ours_images_per_s": round(ours, 3)}
+  if not args.no_torch:
+    theirs, device = torch_images_per_s(model_dir, prompts, args.steps, args.size, args.guidance, args.dtype,
+                                        args.repeats)
+    result.update(torch_device=device, torch_images_per_s=round(theirs, 3), ratio=round(ours / theirs, 2))
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
