@@ -1,6 +1,7 @@
 """Multi-host start-up: jax.distributed.initialize from the environment, or nothing for one process.
 
-- TPU VM pods (several workers): jax detects the cluster itself.
+- TPU VM pods (several workers): jax detects the cluster itself (launch/tpu_pod.sh sets
+  DREAMBOOTH_JAX_DISTRIBUTED=auto to ask for that detection).
 - SLURM with several tasks: jax's SLURM cluster detection reads SLURM_* variables.
 - Plain GPU clusters: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID (as set by
   launch/gpu_multinode.sh).
@@ -16,6 +17,8 @@ _initialized = False
 
 def wants_distributed(env=os.environ) -> str | None:
   """Which multi-process environment this is, or None for a single process."""
+  if env.get("DREAMBOOTH_JAX_DISTRIBUTED") == "auto":  # set by launch/tpu_pod.sh: let jax detect the cluster
+    return "auto"
   if int(env.get("JAX_NUM_PROCESSES", "1")) > 1:
     return "env"
   if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
@@ -36,7 +39,7 @@ def initialize() -> None:
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
-  elif kind in ("slurm", "tpu"):
+  elif kind in ("slurm", "tpu", "auto"):
     jax.distributed.initialize()  # cluster auto-detection
   _initialized = True
   if kind:

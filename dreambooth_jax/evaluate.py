@@ -13,6 +13,7 @@ openai/clip-vit-large-patch14 downloaded beforehand, or hub ids when there is a 
 """
 
 import csv
+import dataclasses
 import json
 import pathlib
 import sys
@@ -22,22 +23,6 @@ from absl import app, flags
 from flax import nnx
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-flags.DEFINE_string("generated", None, "Folder of generated images (with index.json/index.csv or per-prompt "
-                    "subfolders).")
-flags.DEFINE_string("real", None, "Folder of the real subject images.")
-flags.DEFINE_string("prompts", None, "Optional text file, one prompt per line: the prompts the generated images "
-                    "must cover (each image's prompt must be one of them, and each needs images).")
-flags.DEFINE_string("dino_model", "facebook/dino-vits16", "DINO ViT: transformers folder or hub id.")
-flags.DEFINE_string("clip_model", "openai/clip-vit-large-patch14", "CLIPModel: transformers folder or hub id.")
-flags.DEFINE_string("class_generated", None, "Optional folder of images generated for the bare class prompt "
-                    "(for PRES).")
-flags.DEFINE_string("out", None, "Optional JSON file to write the results to.")
-flags.DEFINE_integer("batch_size", 16, "Images per encoder call.")
-flags.DEFINE_enum("dino_preprocess", "model", ["model", "dino_eval"],
-                  "model: the DINO folder's preprocessor_config.json (dino-vits16: 224x224 bilinear); dino_eval: "
-                  "resize 256 bicubic + center crop 224 (the DINO repository's evaluation transform).")
-
 
 class InputError(ValueError):
   """Bad evaluation input; the message names the file, line or folder."""
@@ -179,9 +164,45 @@ def embed_texts(model, tok, prompts: list[str]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- metrics
 
-def evaluate(generated, real, *, dino_model, clip_model, prompts_file=None, class_generated=None,
-             batch_size: int = 16, dino_preprocess: str = "model") -> dict:
-  from dreambooth_jax.eval import encoders, metrics, preprocess  # noqa: PLC0415
+@dataclasses.dataclass
+class Encoders:
+  """The loaded DINO and CLIP models with their preprocessing (load once, evaluate many folders)."""
+  dino: object
+  dino_spec: object
+  clip: object
+  clip_spec: object
+  clip_tokenizer: object
+  names: dict
+
+
+def load_encoders(dino_model, clip_model, dino_preprocess: str = "model") -> Encoders:
+  from dreambooth_jax.eval import encoders, preprocess  # noqa: PLC0415
+
+  dino, dino_dir = encoders.load_dino(dino_model)
+  dino_spec = (preprocess.DINO_EVAL_SPEC if dino_preprocess == "dino_eval"
+               else preprocess.spec_for_folder(dino_dir, preprocess.DINO_SPEC))
+  clip, clip_dir = encoders.load_clip(clip_model)
+  clip_spec = preprocess.spec_for_folder(clip_dir, preprocess.CLIP_SPEC)
+  return Encoders(dino, dino_spec, clip, clip_spec, clip_tokenizer(clip_dir),
+                  {"dino": str(dino_model), "clip": str(clip_model), "dino_preprocess": dino_preprocess})
+
+
+def real_vs_real(real, enc: Encoders, batch_size: int = 16) -> dict:
+  """The paper's "real images" row: DINO and CLIP-I between distinct real photos of the subject."""
+  from dreambooth_jax.eval import metrics  # noqa: PLC0415
+
+  paths = list_images(real, "--real")
+  if len(paths) < 2:
+    raise InputError(f"{real}: real-vs-real needs at least 2 images, found {len(paths)}")
+  return {"dino": metrics.mean_cosine_distinct_pairs(embed_images(enc.dino, paths, enc.dino_spec, batch_size), "DINO"),
+          "clip_i": metrics.mean_cosine_distinct_pairs(embed_images(enc.clip, paths, enc.clip_spec, batch_size),
+                                                       "CLIP-I"),
+          "counts": {"real_images": len(paths)}}
+
+
+def evaluate(generated, real, *, dino_model=None, clip_model=None, prompts_file=None, class_generated=None,
+             batch_size: int = 16, dino_preprocess: str = "model", encoders: Encoders | None = None) -> dict:
+  from dreambooth_jax.eval import metrics  # noqa: PLC0415
 
   prompts = read_prompts(prompts_file) if prompts_file else None
   pairs = group_generated(generated)
@@ -190,14 +211,11 @@ def evaluate(generated, real, *, dino_model, clip_model, prompts_file=None, clas
   real_paths = list_images(real, "--real")
   class_paths = list_images(class_generated, "--class_generated") if class_generated else None
 
-  dino, dino_dir = encoders.load_dino(dino_model)
-  dino_spec = (preprocess.DINO_EVAL_SPEC if dino_preprocess == "dino_eval"
-               else preprocess.spec_for_folder(dino_dir, preprocess.DINO_SPEC))
+  enc = encoders or load_encoders(dino_model, clip_model, dino_preprocess)
+  dino, dino_spec, clip, clip_spec = enc.dino, enc.dino_spec, enc.clip, enc.clip_spec
   dino_gen, dino_real = (embed_images(dino, paths, dino_spec, batch_size) for paths in (gen_paths, real_paths))
-  clip, clip_dir = encoders.load_clip(clip_model)
-  clip_spec = preprocess.spec_for_folder(clip_dir, preprocess.CLIP_SPEC)
   clip_gen, clip_real = (embed_images(clip, paths, clip_spec, batch_size) for paths in (gen_paths, real_paths))
-  text = embed_texts(clip, clip_tokenizer(clip_dir), prompts)
+  text = embed_texts(clip, enc.clip_tokenizer, prompts)
 
   clip_t, clip_t_per_prompt = metrics.clip_t(text, clip_gen, of_image)
   per_prompt = {}
@@ -209,7 +227,7 @@ def evaluate(generated, real, *, dino_model, clip_model, prompts_file=None, clas
   results = {
       "dino": metrics.dino(dino_gen, dino_real), "clip_i": metrics.clip_i(clip_gen, clip_real), "clip_t": clip_t,
       "counts": counts, "per_prompt": per_prompt,
-      "models": {"dino": str(dino_model), "clip": str(clip_model), "dino_preprocess": dino_preprocess},
+      "models": enc.names,
   }
   if class_paths is not None:
     results["pres"] = metrics.pres(dino_real, embed_images(dino, class_paths, dino_spec, batch_size))
@@ -250,5 +268,23 @@ def main(argv):
     print(f"wrote {out}")
 
 
+def define_flags():
+  flags.DEFINE_string("generated", None, "Folder of generated images (with index.json/index.csv or per-prompt "
+                      "subfolders).")
+  flags.DEFINE_string("real", None, "Folder of the real subject images.")
+  flags.DEFINE_string("prompts", None, "Optional text file, one prompt per line: the prompts the generated images "
+                      "must cover (each image's prompt must be one of them, and each needs images).")
+  flags.DEFINE_string("dino_model", "facebook/dino-vits16", "DINO ViT: transformers folder or hub id.")
+  flags.DEFINE_string("clip_model", "openai/clip-vit-large-patch14", "CLIPModel: transformers folder or hub id.")
+  flags.DEFINE_string("class_generated", None, "Optional folder of images generated for the bare class prompt "
+                      "(for PRES).")
+  flags.DEFINE_string("out", None, "Optional JSON file to write the results to.")
+  flags.DEFINE_integer("batch_size", 16, "Images per encoder call.")
+  flags.DEFINE_enum("dino_preprocess", "model", ["model", "dino_eval"],
+                    "model: the DINO folder's preprocessor_config.json (dino-vits16: 224x224 bilinear); dino_eval: "
+                    "resize 256 bicubic + center crop 224 (the DINO repository's evaluation transform).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

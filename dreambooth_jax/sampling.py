@@ -105,8 +105,11 @@ def generate(sd, prompts: Sequence[str], indices: Sequence[int], *, seed: int = 
   cond = tokenize(sd.tokenizer, prompts)
   uncond = tokenize(sd.tokenizer, negative_prompt)
   sharding = batch_sharding(mesh)
-  if sharding is not None:
-    cond, uncond, latents, keys_B = jax.device_put((cond, uncond, latents, keys_B), sharding)
+  if sharding is not None:  # every process holds the same full batch; each places the shards of its devices
+    cond, uncond, latents, key_data = (
+        jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+        for x in (np.asarray(cond), np.asarray(uncond), np.asarray(latents), np.asarray(jax.random.key_data(keys_B))))
+    keys_B = jax.random.wrap_key_data(key_data)
   graphdefs, states = zip(*(nnx.split(m) for m in (unet, sd.vae, sd.text_encoder)))
   return _generate(tuple(graphdefs), tuple(states), sd.schedule, cond, uncond, latents, keys_B,
                    settings=settings, vae_scale=sd.vae.config.scaling_factor)

@@ -6,6 +6,7 @@ Our parameter paths equal the torch state-dict keys (see models/layers.py), so c
 """
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -261,8 +262,9 @@ TINY_MODEL = pathlib.Path(__file__).parent / "assets" / "tiny-sd"
 
 
 def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                    unet_kwargs: dict | None = None) -> StableDiffusion:
-  """A pipeline with seeded random weights from a folder of config.json files only (the offline default)."""
+                    unet_kwargs: dict | None = None, abstract: bool = False) -> StableDiffusion:
+  """A pipeline with seeded random weights from a folder of config.json files only (the offline default).
+  abstract: every parameter a ShapeDtypeStruct (nnx.eval_shape), nothing allocated (memory planning)."""
   from dreambooth_jax import schedule, tokenizer  # noqa: PLC0415
 
   config_dir = pathlib.Path(config_dir)
@@ -270,8 +272,9 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
   for i, component in enumerate(COMPONENTS):
     configs[component] = read_json(config_dir / component / "config.json")
     config = CONFIG_CLASSES[component].from_dict(configs[component])
-    modules[component] = make_model(component, config, seed=seed + i, dtype=dtype, param_dtype=param_dtype,
-                                    **(unet_kwargs or {} if component == "unet" else {}))
+    make = functools.partial(make_model, component, config, seed=seed + i, dtype=dtype, param_dtype=param_dtype,
+                             **(unet_kwargs or {} if component == "unet" else {}))
+    modules[component] = nnx.eval_shape(make) if abstract else make()
   configs["scheduler"] = read_json(config_dir / "scheduler" / "scheduler_config.json")
   tok_dir = config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else tokenizer.BUNDLED_TOKENIZER
   return StableDiffusion(**modules, tokenizer=tokenizer.load_tokenizer(tok_dir),
@@ -280,7 +283,16 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
 
 
 def load_or_init_pipeline(name_or_path, *, random_init: bool = False, seed: int = 0, **kwargs) -> StableDiffusion:
-  """`random_init` builds the model from the folder's configs with random weights (the tiny offline default)."""
+  """A diffusers folder or hub id, or a single-file .safetensors checkpoint (original SD layout; its configs are
+  detected as SD1.5/SD2.1 or given by single_file_config: "sd15", "sd21" or a diffusers folder of config.json
+  files). `random_init` builds the model from the folder's configs with random weights (the tiny offline default)."""
   if random_init:
+    kwargs.pop("variant", None)  # no weight files are read
+    kwargs.pop("single_file_config", None)
     return random_pipeline(name_or_path, seed=seed, **kwargs)
+  single_file_config = kwargs.pop("single_file_config", "auto") or "auto"
+  if pathlib.Path(str(name_or_path)).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+    from dreambooth_jax import single_file_io  # noqa: PLC0415 (single_file_io imports this module)
+    kwargs.pop("variant", None)
+    return single_file_io.load_single_file_pipeline(name_or_path, config=single_file_config, **kwargs)
   return load_pipeline(name_or_path, **kwargs)

@@ -1,3 +1,12 @@
+import os
+import tempfile
+
+# One persistent XLA compilation cache for the whole session, inherited by the subprocesses the tests start (the
+# CLI runs, the kill -9 resume, the fake-device meshes): the same tiny train step and sampler are compiled once
+# instead of in every process. Cached executables are the same code, so results stay bitwise identical.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dreambooth-jax-xla-cache-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 import pytest
 
 from reference_models import TINY_SD1, TINY_SD2, save_pipeline

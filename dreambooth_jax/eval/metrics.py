@@ -33,6 +33,15 @@ def mean_pairwise_cosine(generated_ND: np.ndarray, real_MD: np.ndarray, where: s
   return float(cosine_matrix(generated_ND, real_MD, where).mean())
 
 
+def mean_cosine_distinct_pairs(x_ND: np.ndarray, where: str) -> float:
+  """Mean cosine over the N(N-1) ordered pairs of distinct rows (the paper's real-vs-real reference row)."""
+  sim = cosine_matrix(x_ND, x_ND, where)
+  n = sim.shape[0]
+  if n < 2:
+    raise ValueError(f"{where}: distinct pairs need at least 2 embeddings, got {n}")
+  return float((sim.sum() - np.trace(sim)) / (n * (n - 1)))
+
+
 def dino(generated_ND, real_MD) -> float:
   return mean_pairwise_cosine(generated_ND, real_MD, "DINO")
 

@@ -160,8 +160,8 @@ def open_image(path) -> Image.Image:
 
 
 def load_batch(paths, spec: ImageSpec) -> np.ndarray:
-  """float32 (N, H, W, 3) of the image files, preprocessed."""
-  arrays = [preprocess(open_image(p), spec) for p in paths]
+  """float32 (N, H, W, 3) of the image files (or uint8 HWC arrays), preprocessed."""
+  arrays = [preprocess(Image.fromarray(p) if isinstance(p, np.ndarray) else open_image(p), spec) for p in paths]
   shapes = {a.shape for a in arrays}
   if len(shapes) > 1:  # only without crop and with shortest-edge resizing
     raise ValueError(f"images preprocess to different shapes {sorted(shapes)}: configure a center crop or a fixed "

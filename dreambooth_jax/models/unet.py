@@ -218,11 +218,25 @@ class UNetBlock(nnx.Module):
     self.upsamplers = nnx.List([upsamplers]) if upsamplers is not None else None
 
 
+REMAT_POLICIES = ("none", "full", "dots", "attention")
+
+
+def remat_policy(remat: bool | str) -> str | None:
+  """config.remat -> None or one of REMAT_POLICIES (True = "full"); anything else is an error naming the value."""
+  if remat in (False, None, "", "none"):
+    return None
+  if remat is True:
+    return "full"
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}: expected one of {list(REMAT_POLICIES)} (or True/False)")
+  return remat
+
+
 class UNet2DConditionModel(nnx.Module):
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-               attention_impl: str | None = None, remat: bool = False):
+               attention_impl: str | None = None, remat: bool | str = False):
     layers = Layers(rngs, dtype, param_dtype)
-    self.config, self.remat, self.dtype = config, remat, dtype
+    self.config, self.remat, self.dtype = config, remat_policy(remat), dtype
     ch = config.block_out_channels
     groups, eps = config.norm_num_groups, config.norm_eps
     temb_dim = ch[0] * 4
@@ -264,10 +278,12 @@ class UNet2DConditionModel(nnx.Module):
     self.conv_norm_out = layers.group_norm(ch[0], groups, eps)
     self.conv_out = layers.conv(ch[0], config.out_channels)
 
-  def _apply(self, module, *args):
-    # Rematerialise the big blocks on the backward pass when asked (memory for compute).
-    if self.remat:
-      return nnx.remat(lambda m, *a: m(*a))(module, *args)
+  def _apply(self, module, *args, attention: bool = False):
+    # Rematerialise blocks on the backward pass when asked (memory for compute): "full" keeps only block inputs,
+    # "dots" also keeps matmul outputs (less recompute), "attention" remats the transformer blocks only.
+    if self.remat and (self.remat != "attention" or attention):
+      policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if self.remat == "dots" else None
+      return nnx.remat(lambda m, *a: m(*a), policy=policy)(module, *args)
     return module(*args)
 
   def __call__(self, x_BHWC, t_B, context_BSD):
@@ -283,21 +299,21 @@ class UNet2DConditionModel(nnx.Module):
       for j, res in enumerate(block.resnets):
         h = self._apply(res, h, temb_BD)
         if block.attentions is not None:
-          h = self._apply(block.attentions[j], h, context_BSD)
+          h = self._apply(block.attentions[j], h, context_BSD, attention=True)
         skips.append(h)
       if block.downsamplers is not None:
         h = block.downsamplers[0](h)
         skips.append(h)
 
     h = self._apply(self.mid_block.resnets[0], h, temb_BD)
-    h = self._apply(self.mid_block.attentions[0], h, context_BSD)
+    h = self._apply(self.mid_block.attentions[0], h, context_BSD, attention=True)
     h = self._apply(self.mid_block.resnets[1], h, temb_BD)
 
     for block in self.up_blocks:
       for j, res in enumerate(block.resnets):
         h = self._apply(res, jnp.concatenate([h, skips.pop()], axis=-1), temb_BD)
         if block.attentions is not None:
-          h = self._apply(block.attentions[j], h, context_BSD)
+          h = self._apply(block.attentions[j], h, context_BSD, attention=True)
       if block.upsamplers is not None:
         h = block.upsamplers[0](h)
 

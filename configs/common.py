@@ -1,0 +1,86 @@
+"""Every trainer setting with its default. Other configs start from this one and override what they change.
+
+Key names follow diffusers' examples/dreambooth/train_dreambooth.py flags where one exists.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  # Model.
+  c.pretrained_model_name_or_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # hub id or local folder
+  c.variant = ""  # e.g. "fp16" to read *.fp16.safetensors
+  c.single_file_config = "auto"  # single-file .safetensors model: "auto" | "sd15" | "sd21" | a diffusers folder
+  c.random_init = False  # build the model from its config.json files with random weights (tiny offline model)
+  # Data.
+  c.instance_data_dir = ""  # "" = the bundled dog photos
+  c.instance_prompt = "a photo of sks dog"
+  c.class_data_dir = ""  # "" = WORKDIR/class_images
+  c.class_prompt = "a photo of dog"
+  c.with_prior_preservation = True
+  c.prior_loss_weight = 1.0
+  c.num_class_images = 200
+  c.resolution = 512
+  c.center_crop = True
+  c.random_flip = False
+  c.on_bad_image = "error"  # or "skip"
+  c.cache_latents = True  # cache VAE posteriors (needs center_crop) and frozen text embeddings
+  # Class-image generation (prior preservation).
+  c.sample_batch_size = 4
+  c.class_generation_steps = 50
+  c.class_guidance = 7.5
+  # Optimisation.
+  c.train_batch_size = 1  # instance images per step (the same number of class images is added)
+  c.learning_rate = 5e-6
+  c.text_encoder_lr = 0.0  # 0 = same as learning_rate
+  c.lr_scheduler = "constant"  # constant | constant_with_warmup | linear | cosine
+  c.lr_warmup_steps = 0
+  c.max_train_steps = 800
+  c.gradient_accumulation_steps = 1
+  c.max_grad_norm = 1.0
+  c.adam_beta1 = 0.9
+  c.adam_beta2 = 0.999
+  c.adam_weight_decay = 1e-2
+  c.adam_epsilon = 1e-8
+  c.optimizer_moments_bf16 = False
+  c.train_text_encoder = False
+  c.param_dtype = "float32"  # master params (and so gradients and Adam moments): "float32" | "bfloat16"
+  c.mixed_precision = "bf16"  # "no" (fp32) | "bf16" (bf16 compute, fp32 master params)
+  c.remat = "none"  # none | full | dots | attention: recompute UNet blocks on the backward pass (memory for compute)
+  c.snr_gamma = 0.0  # 0 = off; 5.0 is the usual min-SNR value
+  c.offset_noise = 0.0  # 0 = off; 0.1 as diffusers' --offset_noise
+  c.seed = 0
+  # Parallelism: mesh axis sizes (-1 = all remaining devices).
+  c.mesh_data = -1
+  c.mesh_fsdp = 1
+  c.device_memory_gib = 0.0  # 0 = ask the device (GPU/TPU); the memory plan refuses configs that exceed it
+  # Checkpoints, logging, validation, export.
+  c.checkpointing_steps = 200
+  c.checkpoints_total_limit = 2
+  c.validation_prompt = "a photo of sks dog in a bucket"
+  c.validation_steps = 200  # 0 = never
+  c.num_validation_images = 4
+  c.validation_inference_steps = 25
+  c.validation_guidance = 7.5
+  # In-training evaluation (the paper's metrics) and best-checkpoint selection; 0 = off.
+  c.eval_steps = 0
+  c.eval_metric = "dino"  # dino | clip_i | clip_t: the checkpoint with the highest value is kept (best.json)
+  c.eval_prompts = ()  # () = the validation prompt
+  c.eval_images_per_prompt = 4
+  c.eval_dino_model = "facebook/dino-vits16"  # transformers folder or hub id
+  c.eval_clip_model = "openai/clip-vit-large-patch14"
+  c.export_at_end = True
+  c.export_dtype = ""  # "" = float32; "float16" for smaller files
+  # LoRA (Hu et al. 2021): train only low-rank factors on the UNet attention projections (and optionally more).
+  c.lora = ml_collections.ConfigDict()
+  c.lora.enabled = False
+  c.lora.rank = 4
+  c.lora.alpha = ml_collections.FieldReference(None, field_type=float)  # None = rank (scale 1)
+  c.lora.dropout = 0.0
+  c.lora.init = "kaiming"  # PEFT's default; or "gaussian"
+  c.lora.feed_forward = False  # also ff.net.0.proj / ff.net.2 of the UNet transformer blocks
+  c.lora.text_encoder = False  # LoRA on the text encoder's q/k/v/out_proj too
+  c.lora.text_mlp = False  # and its fc1/fc2
+  return c

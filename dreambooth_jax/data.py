@@ -1,0 +1,210 @@
+"""Subject images -> deterministic, resumable, per-process batches (numpy + PIL; no TensorFlow, no torch).
+
+Every file is decoded and checked once, up front: a broken image stops the run before training with every bad
+file named (or is skipped and logged with on_bad_image="skip"). Each image is stored resized so its short side is
+`resolution`; per step only crop, flip and normalisation remain. Crops and flips are pure functions of
+(seed, epoch, position), so an iterator restored from its state yields exactly what the original would have.
+"""
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import numpy as np
+from absl import logging
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+METADATA = "metadata.jsonl"
+
+
+class BadImagesError(ValueError):
+  """One or more image files cannot be used; the message names each with the reason."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+  """Any PIL mode to 8-bit RGB; transparency is composited on white, 16-bit data scaled (not clipped)."""
+  if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    array = np.asarray(image, dtype=np.float64)
+    peak = 65535.0 if image.mode != "I" or array.max() > 255 else 255.0
+    image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+  elif image.mode == "F":
+    array = np.asarray(image, dtype=np.float64)
+    image = Image.fromarray(np.clip(array * (255.0 if array.max() <= 1.0 else 1.0) + 0.5, 0, 255).astype(np.uint8))
+  if image.mode == "P":
+    image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+  if image.mode in ("RGBA", "LA", "PA") or (image.mode in ("RGB", "L") and "transparency" in image.info):
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
+  return image.convert("RGB")
+
+
+def open_image(path: pathlib.Path) -> Image.Image:
+  """Decodes fully (catches truncation), applies EXIF orientation, returns RGB. Raises with the reason."""
+  if path.stat().st_size == 0:
+    raise ValueError("empty file")
+  with Image.open(path) as image:
+    image.load()
+    image = ImageOps.exif_transpose(image)
+    return to_rgb(image)
+
+
+def resize_short_side(image: Image.Image, resolution: int, name: str = "") -> np.ndarray:
+  """Short side -> resolution (bilinear, as diffusers' train_dreambooth), uint8 HWC."""
+  w, h = image.size
+  if min(w, h) < resolution:
+    logging.warning("%s: %dx%d is smaller than resolution %d; upscaling", name, w, h, resolution)
+  scale = resolution / min(w, h)
+  size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+  return np.asarray(image.resize(size, Image.BILINEAR), dtype=np.uint8)
+
+
+def load_image(path, resolution: int) -> np.ndarray:
+  path = pathlib.Path(path)
+  return resize_short_side(open_image(path), resolution, str(path))
+
+
+def to_pixels(image_uint8: np.ndarray) -> np.ndarray:
+  return image_uint8.astype(np.float32) / 127.5 - 1.0
+
+
+def read_captions(folder: pathlib.Path, names: set[str]) -> dict[str, str]:
+  path = folder / METADATA
+  if not path.is_file():
+    return {}
+  import datasets  # noqa: PLC0415 (slow import, only when captions exist)
+  try:
+    rows = datasets.load_dataset("json", data_files=str(path), split="train")
+  except Exception as e:
+    raise ValueError(f"{path}: cannot be read as JSON lines ({type(e).__name__}: {e})") from None
+  if "file_name" not in rows.column_names or "text" not in rows.column_names:
+    raise ValueError(f"{path}: each line needs 'file_name' and 'text' (found columns {rows.column_names})")
+  captions = {}
+  for row in rows:
+    name = pathlib.PurePosixPath(row["file_name"]).name
+    if name not in names:
+      raise ValueError(f"{path}: caption for {row['file_name']!r}, which is not a usable image in {folder}")
+    captions[name] = row["text"]
+  return captions
+
+
+@dataclasses.dataclass
+class SubjectImages:
+  paths: list[pathlib.Path]
+  captions: list[str]
+  images: list[np.ndarray]  # uint8 HWC, short side == resolution
+  resolution: int
+
+
+def load_subject_images(folder, resolution: int, default_caption: str,
+                        on_bad_image: str = "error") -> SubjectImages:
+  folder = pathlib.Path(folder)
+  if on_bad_image not in ("error", "skip"):
+    raise ValueError(f"on_bad_image={on_bad_image!r}: use 'error' or 'skip'")
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder}: image folder missing")
+  candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+  paths, images, bad = [], [], []
+  for path in candidates:
+    try:
+      images.append(resize_short_side(open_image(path), resolution, str(path)))
+      paths.append(path)
+    except Exception as e:  # PIL raises many types for broken files
+      bad.append(f"{path}: {type(e).__name__}: {e}")
+  if bad:
+    if on_bad_image == "error":
+      raise BadImagesError(f"{len(bad)} unusable image file(s) in {folder} (fix or remove them, or set "
+                           "on_bad_image='skip'):\n  " + "\n  ".join(bad))
+    for line in bad:
+      logging.warning("skipping unusable image %s", line)
+  if not paths:
+    raise BadImagesError(f"{folder}: no usable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+  captions = read_captions(folder, {p.name for p in paths})
+  return SubjectImages(paths=paths, captions=[captions.get(p.name, default_caption) for p in paths],
+                       images=images, resolution=resolution)
+
+
+def crop(image: np.ndarray, resolution: int, top: int, left: int, flip: bool) -> np.ndarray:
+  out = image[top:top + resolution, left:left + resolution]
+  return out[:, ::-1] if flip else out
+
+
+def center_crop_pixels(images: SubjectImages, index: int, flip: bool) -> np.ndarray:
+  image, r = images.images[index], images.resolution
+  h, w = image.shape[:2]
+  return to_pixels(crop(image, r, (h - r) // 2, (w - r) // 2, flip))
+
+
+class SubjectIterator:
+  """Infinite, deterministic batches of one process's slice of the global batch.
+
+  The example sequence is the concatenation of per-epoch permutations drawn from (seed, epoch); the global batch
+  of a step is the next `batch_size_per_process * process_count` examples, of which this process takes its own
+  contiguous slice.
+  """
+
+  def __init__(self, images: SubjectImages, batch_size_per_process: int, *, seed: int, center_crop: bool = True,
+               random_flip: bool = False, process_index: int | None = None, process_count: int | None = None):
+    self.images, self.local = images, batch_size_per_process
+    self.seed, self.center_crop, self.random_flip = seed, center_crop, random_flip
+    self.process_index = jax.process_index() if process_index is None else process_index
+    self.process_count = jax.process_count() if process_count is None else process_count
+    self.epoch, self.position = 0, 0
+    self.cacheable = center_crop  # a sample is then fully determined by (image, flip)
+
+  def _example(self, epoch: int, position: int):
+    n = len(self.images.paths)
+    index = int(np.random.default_rng((self.seed, epoch)).permutation(n)[position])
+    rng = np.random.default_rng((self.seed, epoch, position, 1))
+    flip = bool(self.random_flip and rng.random() < 0.5)
+    image, r = self.images.images[index], self.images.resolution
+    h, w = image.shape[:2]
+    if self.center_crop:
+      top, left = (h - r) // 2, (w - r) // 2
+    else:
+      top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
+    return index, flip, crop(image, r, top, left, flip)
+
+  def _advance(self):
+    self.position += 1
+    if self.position == len(self.images.paths):
+      self.epoch, self.position = self.epoch + 1, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    rows = []
+    for k in range(self.local * self.process_count):
+      if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
+        rows.append((*self._example(self.epoch, self.position), self.epoch, self.position))
+      self._advance()
+    return {
+        "pixels_BHWC": np.stack([to_pixels(r[2]) for r in rows]),
+        "index_B": np.array([r[0] for r in rows], np.int32),
+        "flip_B": np.array([r[1] for r in rows], bool),
+        "caption_B": [self.images.captions[r[0]] for r in rows],
+        # position in the global batch: what the trainer's per-example noise is keyed on, so the draws do not
+        # depend on how the batch is laid out over processes and devices
+        "slot_B": np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32),
+    }
+
+  def get_state(self) -> dict:
+    return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+  def set_state(self, state: dict):
+    if state.get("seed", self.seed) != self.seed:
+      raise ValueError(f"data iterator state has seed {state['seed']}, this run uses {self.seed}")
+    self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def global_batch(local_batch: dict, sharding) -> dict:
+  """Process-local numeric arrays -> global jax arrays split over the batch axes (strings left out)."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()
+          if not (isinstance(v, list) or np.asarray(v).dtype.kind in "OUS")}
+
+
+def dump_state(state: dict) -> str:
+  return json.dumps(state, sort_keys=True)

@@ -1,0 +1,62 @@
+"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step) and a console progress bar.
+
+Values arrive as device arrays and are read one step late (after the next step is dispatched) so the host never
+waits for the device in the loop.
+"""
+
+import json
+import math
+import pathlib
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+
+class MetricsWriter:
+  def __init__(self, workdir: pathlib.Path, *, total_steps: int, initial_step: int, enabled: bool = True):
+    self.enabled = enabled
+    self.jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None
+    self.tensorboard = None
+    if enabled:
+      from tensorboardX import SummaryWriter  # noqa: PLC0415
+      self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+    self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", disable=not enabled,
+                    dynamic_ncols=True)
+
+  def write(self, step: int, scalars: dict):
+    scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.jsonl.flush()
+      for k, v in scalars.items():
+        if math.isfinite(v):
+          self.tensorboard.add_scalar(f"train/{k}", v, step)
+      self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
+      self.bar.update(step - self.bar.n)
+    return scalars
+
+  def image(self, tag: str, image_HWC: np.ndarray, step: int):
+    if self.enabled:
+      self.tensorboard.add_image(tag, image_HWC, step, dataformats="HWC")
+
+  def scalar(self, tag: str, value: float, step: int):
+    if self.enabled:
+      self.tensorboard.add_scalar(tag, value, step)
+
+  def close(self):
+    if self.enabled:
+      self.bar.close()
+      self.jsonl.close()
+      self.tensorboard.close()
+
+
+def image_grid(images_BHWC: np.ndarray, columns: int | None = None) -> np.ndarray:
+  n, h, w, c = images_BHWC.shape
+  columns = columns or int(math.ceil(math.sqrt(n)))
+  rows = int(math.ceil(n / columns))
+  grid = np.zeros((rows * h, columns * w, c), images_BHWC.dtype)
+  for i, image in enumerate(images_BHWC):
+    r, col = divmod(i, columns)
+    grid[r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+  return grid

@@ -1,0 +1,132 @@
+"""Global training batches: instance + class examples, cached VAE posteriors and text embeddings, sharded.
+
+Each process draws only its slice of the global batch (data.SubjectIterator) and the global arrays are formed with
+jax.make_array_from_process_local_data. With center crops an example is fully determined by (image, flip), so the
+frozen VAE's posterior (mean, std) is computed once per variant and the per-step latent sample is drawn inside the
+train step; with a frozen text encoder the embeddings of each distinct caption are computed once too.
+"""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from dreambooth_jax import data as data_lib
+from dreambooth_jax.tokenizer import tokenize
+
+BUNDLED_DOG = pathlib.Path(__file__).parent / "assets" / "dog"
+
+
+def trains_text_encoder(config) -> bool:
+  """Whether the text encoder gets gradients: fully (train_text_encoder) or through LoRA factors."""
+  lora = config.get("lora")
+  return bool(config.train_text_encoder or (lora and lora.get("enabled") and lora.get("text_encoder")))
+
+
+def caches_text(config) -> bool:
+  """Text embeddings are computed once when the text encoder is frozen (and caching is on)."""
+  return bool(config.cache_latents) and not trains_text_encoder(config)
+
+
+@nnx.jit
+def _encode(vae, pixels_BHWC):
+  return vae.encode(pixels_BHWC)
+
+
+@nnx.jit
+def _embed(text_encoder, ids_BT):
+  return text_encoder(ids_BT)[0].astype(jnp.float32)
+
+
+class TrainData:
+  def __init__(self, config, sd, mesh, workdir: pathlib.Path):
+    self.config, self.mesh = config, mesh
+    processes, index = jax.process_count(), jax.process_index()
+    if config.train_batch_size % processes:
+      raise ValueError(f"train_batch_size={config.train_batch_size} must be a multiple of the process count "
+                       f"({processes})")
+    self.with_prior = bool(config.with_prior_preservation)
+    self.global_batch_size = config.train_batch_size * (2 if self.with_prior else 1)
+    if self.global_batch_size % mesh.devices.size:
+      raise ValueError(
+          f"the global batch ({self.global_batch_size} examples: train_batch_size={config.train_batch_size}"
+          f"{' x 2 with prior preservation' if self.with_prior else ''}) must be a multiple of the "
+          f"{mesh.devices.size} devices; raise train_batch_size")
+    local = config.train_batch_size // processes
+    instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
+    self.sets = {"instance": data_lib.load_subject_images(instance_dir, config.resolution, config.instance_prompt,
+                                                          on_bad_image=config.on_bad_image)}
+    if self.with_prior:
+      class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
+      self.sets["class"] = data_lib.load_subject_images(class_dir, config.resolution, config.class_prompt,
+                                                        on_bad_image=config.on_bad_image)
+    self.iterators = {
+        name: data_lib.SubjectIterator(images, local, seed=config.seed + k, center_crop=config.center_crop,
+                                       random_flip=config.random_flip, process_index=index,
+                                       process_count=processes)
+        for k, (name, images) in enumerate(self.sets.items())}
+    logging.info("training on %s", {k: len(v.paths) for k, v in self.sets.items()})
+
+    self.latents = None
+    if config.cache_latents and all(it.cacheable for it in self.iterators.values()):
+      self.latents = {name: self._cache_latents(sd.vae, images) for name, images in self.sets.items()}
+    self.caches_text = caches_text(config)
+    self.tokenizer = sd.tokenizer
+    if self.caches_text:
+      captions = sorted({c for images in self.sets.values() for c in images.captions})
+      self.caption_rows = {c: i for i, c in enumerate(captions)}
+      self.context_table = np.concatenate([
+          np.asarray(_embed(sd.text_encoder, tokenize(sd.tokenizer, captions[i:i + 16])))
+          for i in range(0, len(captions), 16)])
+
+  def _cache_latents(self, vae, images) -> dict:
+    """Posterior mean/std per (image, flip): arrays (N, 2, h, w, C)."""
+    means, stds = [], []
+    for i in range(len(images.paths)):
+      pixels = np.stack([data_lib.center_crop_pixels(images, i, flip) for flip in (False, True)])
+      mean, std = _encode(vae, pixels)
+      means.append(np.asarray(mean))
+      stds.append(np.asarray(std))
+    return {"mean": np.stack(means), "std": np.stack(stds)}
+
+  def _local_micro_batch(self) -> dict:
+    parts = []
+    for name, it in self.iterators.items():
+      example = next(it)
+      part = {"prior": np.full(len(example["index_B"]), name == "class", np.float32),
+              "slot": example["slot_B"] + (self.config.train_batch_size if name == "class" else 0)}
+      if self.latents is not None:
+        table = self.latents[name]
+        flips = example["flip_B"].astype(np.int32)
+        part["latent_mean"] = table["mean"][example["index_B"], flips]
+        part["latent_std"] = table["std"][example["index_B"], flips]
+      else:
+        part["pixels"] = example["pixels_BHWC"]
+      if self.caches_text:
+        part["context"] = self.context_table[[self.caption_rows[c] for c in example["caption_B"]]]
+      else:
+        part["ids"] = tokenize(self.tokenizer, list(example["caption_B"]))
+      parts.append(part)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def sharding_like(self, batch: dict) -> dict:
+    """Micro-batch axis replicated, example axis split over every device of the mesh."""
+    spec = NamedSharding(self.mesh, P(None, self.mesh.axis_names))
+    return {k: spec for k in batch}
+
+  def next_batch(self) -> dict:
+    micro = [self._local_micro_batch() for _ in range(self.config.gradient_accumulation_steps)]
+    local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
+    shardings = self.sharding_like(local)
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+
+  def get_state(self) -> dict:
+    return {name: it.get_state() for name, it in self.iterators.items()}
+
+  def set_state(self, state: dict):
+    for name, it in self.iterators.items():
+      it.set_state(state[name])

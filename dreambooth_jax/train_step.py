@@ -1,0 +1,148 @@
+"""The DreamBooth loss and the pure, jitted train step.
+
+loss = mean over instance examples of ||eps_hat(z_t, c) - target||^2
+     + prior_loss_weight * the same mean over class (prior-preservation) examples,
+the two kinds told apart by a per-example `prior` flag rather than by batch halves, so the loss is the same on any
+number of devices and any sharding of the batch.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dreambooth_jax import lora as lora_lib, schedule as schedule_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+  prior_loss_weight: float = 1.0
+  snr_gamma: float = 0.0  # 0 = off; else min-SNR-gamma weighting (Hang et al. 2023)
+  offset_noise: float = 0.0  # 0 = off; else noise += offset_noise * N(0, 1) per (example, channel)
+  vae_scaling_factor: float = 0.18215
+  vae_shift_factor: float = 0.0
+
+
+def example_losses(unet, text_encoder, vae, schedule, micro: dict, rng, settings: LossSettings):
+  """Per-example MSE (B,) of one micro-batch.
+
+  Each example draws its posterior sample, noise and timestep from fold_in(rng, its global batch slot), so the
+  loss is the same however the batch is split over processes and devices."""
+  if "pixels" in micro:
+    mean, std = vae.encode(micro["pixels"])
+    mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
+  else:  # cached posterior of the frozen VAE
+    mean, std = micro["latent_mean"], micro["latent_std"]
+  keys_B4 = jax.vmap(lambda slot: jax.random.split(jax.random.fold_in(rng, slot), 4))(micro["slot"])
+  draw = lambda fn, k: jax.vmap(fn)(keys_B4[:, k])
+  shape_HWC = mean.shape[1:]
+  x0 = mean + std * draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 0)
+  x0 = (x0 - settings.vae_shift_factor) * settings.vae_scaling_factor
+  if "context" in micro:
+    context = micro["context"]
+  else:
+    context, _ = text_encoder(micro["ids"])
+  noise = draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 1)
+  if settings.offset_noise:
+    noise = noise + settings.offset_noise * draw(lambda k: jax.random.normal(k, (1, 1, shape_HWC[-1])), 2)
+  t_B = draw(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps), 3)
+  x_t = schedule_lib.add_noise(schedule, x0, noise, t_B)
+  target = schedule_lib.training_target(schedule, x0, noise, t_B)
+  prediction = unet(x_t, t_B, context).astype(jnp.float32)
+  mse_B = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
+  if settings.snr_gamma:
+    mse_B = mse_B * schedule_lib.min_snr_loss_weight(schedule, t_B, settings.snr_gamma)
+  return mse_B
+
+
+def combine_losses(mse_B, prior_B, prior_loss_weight: float):
+  prior_B = prior_B.astype(jnp.float32)
+  instance_B = 1.0 - prior_B
+  instance_loss = jnp.sum(mse_B * instance_B) / jnp.maximum(jnp.sum(instance_B), 1.0)
+  prior_loss = jnp.sum(mse_B * prior_B) / jnp.maximum(jnp.sum(prior_B), 1.0)
+  return instance_loss + prior_loss_weight * prior_loss, (instance_loss, prior_loss)
+
+
+def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
+                    settings: LossSettings):
+  """Returns train_step(state, batch, rng, frozen) -> (state, metrics).
+
+  state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ...} (donated)
+  batch:  arrays with a leading gradient-accumulation axis (A, B, ...): "pixels" or "latent_mean"/"latent_std",
+          "ids" or "context", "prior" (B,) flags and "slot" (B,) global batch positions (keys of the noise).
+  rng:    the run's base key; the step's key is fold_in(rng, step), so a resumed run draws the same noise.
+  frozen: the parameters that are not trained ("vae", and "text_encoder" unless it is trained or its embeddings are
+          cached), for LoRA the frozen base weights ("unet_base", ["text_encoder_base"]), and the schedule.
+  """
+
+  def loss_fn(params, frozen, micro, rng):
+    modules = merge_modules(graphdefs, params, frozen)
+    for module in modules.values():  # LoRA dropout (if any) draws from the step's key
+      lora_lib.set_dropout_key(module, jax.random.fold_in(rng, 1))
+    mse_B = example_losses(modules["unet"], modules.get("text_encoder"), modules["vae"], frozen["schedule"], micro,
+                           rng, settings)
+    loss, (instance_loss, prior_loss) = combine_losses(mse_B, micro["prior"], settings.prior_loss_weight)
+    return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def train_step(state: dict, batch: dict, rng, frozen: dict):
+    step_rng = jax.random.fold_in(rng, state["step"])
+    params = state["params"]
+    accum = jax.tree.leaves(batch)[0].shape[0]
+
+    def micro_step(carry, inputs):
+      grads_sum, metrics_sum = carry
+      index, micro = inputs
+      grads, metrics = grad_fn(params, frozen, micro, jax.random.fold_in(step_rng, index))
+      return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "instance_loss", "prior_loss")}
+    (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    metrics = jax.tree.map(lambda m: m / accum, metrics)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    for group, lr in schedules.items():
+      metrics["lr" if group == "unet" else f"lr_{group}"] = lr(state["step"])
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    return new_state, metrics
+
+  return train_step
+
+
+def merge_modules(graphdefs: dict, params: dict, frozen: dict) -> dict:
+  """{name: module} rebuilt from the trained params and the frozen ones. A LoRA component is its trained factors
+  (params[name]) merged with its frozen base (frozen[name + "_base"])."""
+  modules = {}
+  for name, graphdef in graphdefs.items():
+    if name in params:
+      parts = [params[name]] + ([frozen[f"{name}_base"]] if f"{name}_base" in frozen else [])
+    elif name in frozen:
+      parts = [frozen[name]]
+    else:
+      continue
+    modules[name] = nnx.merge(graphdef, *(nnx.State(p) for p in parts))
+  return modules
+
+
+def split_trainable(module: nnx.Module) -> tuple[dict, dict | None]:
+  """(trainable params, frozen base or None) of a module: its LoRA factors and the rest when it carries LoRA,
+  else all its params."""
+  if lora_lib.lora_modules(module):
+    _, factors, base = lora_lib.split_lora(module)
+    return factors, base
+  return pure_params(module), None
+
+
+def pure_params(module: nnx.Module) -> dict:
+  return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def init_train_state(params: dict, tx: optax.GradientTransformation) -> dict[str, Any]:
+  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}

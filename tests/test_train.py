@@ -1,0 +1,168 @@
+"""The trainer end to end on the tiny model: loss falls, checkpoints, exact resume after kill -9, class images
+resume identically, bad input, export to diffusers-torch. (Sharded steps vs 1 device: test_sharding.py.)"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+# A short, fast variant of configs/tiny.py: 32 px, few class images and sampling steps.
+FAST = ["resolution=32", "num_class_images=4", "sample_batch_size=4", "class_generation_steps=2",
+        "max_train_steps=30", "checkpointing_steps=10", "validation_steps=30", "num_validation_images=2",
+        "validation_inference_steps=2", "lr_warmup_steps=0", "lr_scheduler=constant"]
+
+
+def fast_config(*overrides):
+  from ml_collections import config_flags  # noqa: F401 (same loader as the CLI)
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("tiny", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for item in (*FAST, *overrides):
+    key, value = item.split("=", 1)
+    current = config[key]
+    config[key] = type(current)(value) if not isinstance(current, bool) else value == "True"
+  return config
+
+
+def train_command(workdir, *overrides):
+  return [sys.executable, "-m", "dreambooth_jax.train", f"--config={TINY}", f"--workdir={workdir}",
+          *(f"--config.{o}" for o in (*FAST, *overrides))]
+
+
+def read_losses(workdir) -> dict[int, float]:
+  losses = {}
+  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    losses[record["step"]] = record["loss"]  # a resumed run re-logs steps after the checkpoint: keep the last
+  return losses
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+  """One uninterrupted tiny run (in process), shared by several tests."""
+  from dreambooth_jax import train
+  workdir = tmp_path_factory.mktemp("full") / "run"
+  train.train(fast_config(), workdir)
+  return workdir
+
+
+def test_tiny_run_learns_checkpoints_and_exports(full_run):
+  losses = read_losses(full_run)
+  assert sorted(losses) == list(range(1, 31))
+  first, last = np.mean([losses[s] for s in range(1, 11)]), np.mean([losses[s] for s in range(21, 31)])
+  assert last < 0.8 * first, (first, last)
+  record = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[0])
+  assert {"step", "loss", "instance_loss", "prior_loss", "grad_norm", "lr", "step_time", "images_per_s"} <= set(record)
+  config = json.loads((full_run / "config.json").read_text())
+  assert config["max_train_steps"] == 30 and config["resolution"] == 32
+  assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
+  assert (full_run / "validation" / "step_000030.png").is_file()
+  assert len(list((full_run / "class_images").glob("class_*.png"))) == 4
+
+
+def test_export_loads_in_diffusers_torch_and_generates(full_run, tmp_path):
+  import torch
+  from diffusers import DDIMScheduler, StableDiffusionPipeline
+  from dreambooth_jax import sampling, weights
+  pipe = StableDiffusionPipeline.from_pretrained(full_run / "export")
+  pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+  pipe.set_progress_bar_config(disable=True)
+  latents = np.random.default_rng(0).standard_normal((1, 4, 4, 4)).astype(np.float32)
+  expected = pipe(["a photo of sks dog"], height=32, width=32, num_inference_steps=3, guidance_scale=5.0,
+                  latents=torch.from_numpy(latents), output_type="np").images
+  ours = weights.load_pipeline(full_run / "export")
+  got = sampling.generate(ours, ["a photo of sks dog"], [0], settings=sampling.SamplerSettings(
+      steps=3, guidance=5.0, height=32, width=32), init_latents_BHWC=latents.transpose(0, 2, 3, 1))
+  assert np.abs(np.asarray(got) - expected).max() <= 1e-4
+  # The trained UNet differs from the base model; the frozen parts are the base model's.
+  base = weights.random_pipeline(seed=0)
+  trained = weights.module_state_dict(ours.unet)
+  assert any(not np.array_equal(v, weights.module_state_dict(base.unet)[k]) for k, v in trained.items())
+  for k, v in weights.module_state_dict(base.vae).items():
+    np.testing.assert_array_equal(weights.module_state_dict(ours.vae)[k], v)
+  # The export CLI writes any checkpoint.
+  out = tmp_path / "step20"
+  result = subprocess.run([sys.executable, "-m", "dreambooth_jax.export", f"--workdir={full_run}", "--step=20",
+                           f"--out={out}"], capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_kill_9_and_resume_gives_identical_losses(full_run, tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(train_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 400
+  # Kill hard once the step-10 checkpoint exists and training went on past it.
+  while time.time() < deadline and proc.poll() is None:
+    metrics = workdir / "metrics.jsonl"
+    if (workdir / "checkpoints" / "10").is_dir() and metrics.is_file() and len(
+        metrics.read_text().splitlines()) >= 13:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  result = subprocess.run(train_command(workdir), capture_output=True, text=True, timeout=400)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "resumed from step" in result.stderr
+  resumed, reference = read_losses(workdir), read_losses(full_run)
+  assert sorted(resumed) == sorted(reference)
+  for step in reference:  # bitwise on CPU
+    assert resumed[step] == reference[step], f"step {step}: {resumed[step]} != {reference[step]}"
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  from dreambooth_jax import train
+  config = fast_config("learning_rate=1e30", "checkpointing_steps=1", "max_grad_norm=0.0",
+                       "with_prior_preservation=False", "validation_steps=0", "cache_latents=False")
+  with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+)") as info:
+    train.train(config, tmp_path / "run")
+  bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+  saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) == bad_step - 1
+
+
+def test_bad_instance_images_stop_before_training(tmp_path):
+  from dreambooth_jax import train
+  images = tmp_path / "images"
+  images.mkdir()
+  from PIL import Image
+  Image.new("RGB", (40, 40), (200, 10, 10)).save(images / "good.png")
+  (images / "broken.jpg").write_bytes(b"not an image")
+  (images / "empty.png").write_bytes(b"")
+  config = fast_config(f"instance_data_dir={images}", "with_prior_preservation=False")
+  with pytest.raises(ValueError, match=r"(?s)broken\.jpg.*empty\.png|empty\.png.*broken\.jpg"):
+    train.train(config, tmp_path / "run")
+  assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_interrupted_class_generation_resumes_identically(tmp_path):
+  from dreambooth_jax import prior, sampling, weights
+  sd = weights.random_pipeline()
+  settings = sampling.SamplerSettings(steps=2, guidance=3.0, height=32, width=32)
+  first = tmp_path / "first"
+  assert prior.ensure_class_images(sd, first, "a dog", 5, seed=1, settings=settings, batch_size=2) == 5
+  # An "interrupted" folder: two images never written, one half-written temporary file, one foreign image.
+  second = tmp_path / "second"
+  second.mkdir()
+  for name in ("class_00000.png", "class_00002.png"):
+    (second / name).write_bytes((first / name).read_bytes())
+  (second / ".class_00003.png.tmp").write_bytes(b"\x89PNG partial")
+  assert prior.ensure_class_images(sd, second, "a dog", 5, seed=1, settings=settings, batch_size=2) == 3
+  for i in range(5):
+    assert (second / f"class_{i:05d}.png").read_bytes() == (first / f"class_{i:05d}.png").read_bytes()
+  assert prior.ensure_class_images(sd, second, "a dog", 5, seed=1, settings=settings, batch_size=2) == 0
+  from PIL import Image
+  Image.new("RGB", (32, 32)).save(second / "my_own_dog.jpg")  # user images count towards the total
+  (second / "class_00004.png").unlink()
+  assert prior.ensure_class_images(sd, second, "a dog", 5, seed=1, settings=settings, batch_size=2) == 0

@@ -1,0 +1,134 @@
+"""LoRA DreamBooth end to end on the tiny config: only the factors are trained and checkpointed, prior
+preservation and validation run, a resumed run repeats the same losses, and every export format loads."""
+
+import copy
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from test_train import fast_config, read_losses
+
+STEPS = 20
+
+
+def lora_config(*overrides):
+  config = fast_config(f"max_train_steps={STEPS}", "validation_steps=20", "learning_rate=1e-2", *overrides)
+  config.lora.enabled = True
+  config.lora.rank = 4
+  config.lora.alpha = 8.0
+  return config
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+  from dreambooth_jax import train
+  workdir = tmp_path_factory.mktemp("lora") / "run"
+  train.train(lora_config(), workdir)
+  return workdir
+
+
+def test_lora_run_trains_only_the_factors(lora_run):
+  import orbax.checkpoint as ocp
+  losses = read_losses(lora_run)
+  assert sorted(losses) == list(range(1, STEPS + 1))
+  assert np.mean([losses[s] for s in range(11, 21)]) < np.mean([losses[s] for s in range(1, 11)])
+  assert all(np.isfinite(list(losses.values())))
+  assert json.loads((lora_run / "metrics.jsonl").read_text().splitlines()[0])["prior_loss"] > 0
+  assert (lora_run / "validation" / f"step_{STEPS:06d}.png").is_file()
+  # The checkpoint holds the LoRA factors (and their Adam moments) only: a tiny fraction of the UNet.
+  meta = ocp.StandardCheckpointer().metadata(lora_run / "checkpoints" / str(STEPS) / "state")
+  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  names = {str(k) for path in _paths(tree["params"]) for k in path[-1:]}
+  assert names == {"lora_down", "lora_up"}, names
+  from dreambooth_jax import weights
+  lora_count = sum(int(np.prod(m.shape)) for m in _leaves(tree["params"]))
+  unet_count = sum(v.size for v in weights.module_state_dict(weights.random_pipeline().unet).values())
+  assert lora_count < 0.2 * unet_count, (lora_count, unet_count)
+
+
+def _paths(tree, prefix=()):
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      yield from _paths(v, prefix + (k,))
+  else:
+    yield prefix
+
+
+def _leaves(tree):
+  return [v for v in (tree.values() if isinstance(tree, dict) else [tree]) for v in
+          (_leaves(v) if isinstance(v, dict) else [v])]
+
+
+def test_lora_resume_repeats_the_losses(lora_run, tmp_path):
+  from dreambooth_jax import train
+  workdir = tmp_path / "run"
+  shutil.copytree(lora_run, workdir)
+  shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if killed after step 10's checkpoint
+  (workdir / "export").exists() and shutil.rmtree(workdir / "export")
+  train.train(lora_config(), workdir)
+  assert read_losses(workdir) == read_losses(lora_run)
+
+
+def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
+  import torch
+  from diffusers import StableDiffusionPipeline
+  from dreambooth_jax import export, lora, weights
+
+  config, view, step = export.load_run(lora_run, None)
+  assert step == STEPS and lora.lora_modules(view.unet)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
+  t = np.array([500], np.int32)
+  context = rng.standard_normal((1, 77, view.unet.config.cross_attention_dim)).astype(np.float32)
+  ours = np.asarray(view.unet(x, t, context))
+
+  base_dir = tmp_path / "base"
+  weights.save_pipeline(weights.random_pipeline(seed=0), base_dir)  # the run's base model (tiny, seed 0)
+  base = StableDiffusionPipeline.from_pretrained(base_dir)
+
+  def torch_unet(pipe):
+    with torch.no_grad():
+      out = pipe.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(context))
+    return out.sample.numpy().transpose(0, 2, 3, 1)
+
+  base_out = torch_unet(base)
+  assert np.abs(ours - base_out).max() > 1e-3  # the LoRA changed the model
+  files = {"lora_diffusers": lora_run / "export" / "pytorch_lora_weights.safetensors"}
+  for fmt in ("lora_kohya",):
+    result = subprocess.run([sys.executable, "-m", "dreambooth_jax.export", f"--workdir={lora_run}",
+                             f"--format={fmt}", f"--out={tmp_path / fmt}.safetensors"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files[fmt] = tmp_path / f"{fmt}.safetensors"
+  for fmt, path in files.items():  # tolerance: fp32, 1e-4 relative to the output's scale
+    pipe = copy.deepcopy(base)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name)
+    got = torch_unet(pipe)
+    assert np.abs(got - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max()), fmt
+    from dreambooth_jax.formats import kohya
+    _, metadata = kohya.load_lora(path)
+    assert metadata["modelspec.trigger_phrase"] == "a photo of sks dog" and metadata["ss_network_dim"] == "4"
+  # Merged full model, as a diffusers folder; without --merge_lora a clear refusal.
+  out = tmp_path / "merged"
+  with pytest.raises(ValueError, match="--merge_lora"):
+    export.export(view, config, out, "diffusers")
+  export.export(view, config, out, "diffusers", merge_lora=True)
+  merged = StableDiffusionPipeline.from_pretrained(out)
+  assert np.abs(torch_unet(merged) - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max())
+  # Single file with the LoRA merged: our importer reads it back (configs from the merged folder).
+  single = export.export(view, config, tmp_path / "model.safetensors", "single_file", merge_lora=True,
+                         dtype="float32")
+  again = weights.load_or_init_pipeline(single, single_file_config=str(out))
+  np.testing.assert_allclose(np.asarray(again.unet(x, t, context)), ours, atol=1e-4 * max(1.0, np.abs(ours).max()))
+
+
+def test_full_run_refuses_lora_export(tmp_path):
+  from dreambooth_jax import export, weights
+  config = lora_config()
+  with pytest.raises(ValueError, match="trained the full model"):
+    export.export(weights.random_pipeline(), config, tmp_path / "x.safetensors", "lora_kohya")
