@@ -1,0 +1,137 @@
+"""Sharding and multi-host: mesh construction, logical-axis rules, the train step on 8 fake CPU devices over
+data x fsdp meshes against 1 device, and two jax.distributed processes on 127.0.0.1 training, saving and restoring."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from dreambooth_jax import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TESTS = str(ROOT / "tests")
+
+
+def test_make_mesh_sizes_and_errors():
+  devices = jax.devices()[:1]
+  mesh = sharding.make_mesh(-1, 1, devices=devices)
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+  with pytest.raises(ValueError, match="data=2 x fsdp=1 != 1 devices"):
+    sharding.make_mesh(2, 1, devices=devices)
+  with pytest.raises(ValueError, match="does not divide"):
+    sharding.make_mesh(-1, 3, devices=jax.devices()[:1] * 2)
+
+
+def test_logical_rules_shard_big_axes_over_fsdp():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1] * 4).reshape(1, 4), ("data", "fsdp"))
+  tree = {"conv": {"kernel": np.zeros((3, 3, 8, 16))}, "proj": {"kernel": np.zeros((8, 12)), "bias": np.zeros((12,))},
+          "lora": {"lora_up": np.zeros((4, 6))}, "token": {"embedding": np.zeros((100, 8))}, "step": np.zeros(())}
+  specs = jax.tree.map(lambda s: s.spec, sharding.tree_shardings(tree, mesh))
+  assert specs == {"conv": {"kernel": P(None, None, None, "fsdp")}, "proj": {"kernel": P(None, "fsdp"),
+                   "bias": P(None)}, "lora": {"lora_up": P(None, None)},  # 6 is not divisible by 4: replicated
+                   "token": {"embedding": P("fsdp", None)}, "step": P()}
+
+
+MESH_STEPS = r"""
+import json, sys, tempfile, pathlib
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import fast_config
+from dreambooth_jax import sharding, train
+tmp = pathlib.Path(tempfile.mkdtemp())
+config = fast_config("train_batch_size=4", f"class_data_dir={{tmp / 'class'}}")
+out = {{}}
+for data, fsdp in [(1, 1), (8, 1), (2, 4), (1, 8)]:
+  devices = jax.devices()[:data * fsdp]
+  job = train.setup(config, tmp / f"{{data}}x{{fsdp}}", mesh=sharding.make_mesh(data, fsdp, devices=devices))
+  state, losses = job.state, []
+  for _ in range(3):
+    state, metrics = job.step_fn(state, job.data.next_batch(), job.rng, job.frozen)
+    losses.append(float(metrics["loss"]))
+  leaves = jax.tree.leaves(state["params"])
+  specs = sorted({{str(l.sharding.spec) for l in leaves}})
+  out[f"{{data}}x{{fsdp}}"] = [losses, [float(np.abs(np.asarray(p)).sum()) for p in leaves], specs]
+print(json.dumps(out))
+"""
+
+
+def test_three_steps_on_8_devices_equal_1_device():
+  """3 train steps on 8 fake CPU devices (data x fsdp = 8x1, 2x4, 1x8) equal the 1-device run.
+  Tolerance: losses rtol 1e-5; parameter |.| sums rtol 1e-5 + atol 1e-5 (reduction order differs between
+  shardings, and Adam normalises near-zero gradients, which amplifies that rounding noise)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", MESH_STEPS.format(tests=TESTS)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  ref_losses, ref_sums, _ = out["1x1"]
+  assert ref_losses[2] != ref_losses[0]
+  for mesh, (losses, sums, specs) in out.items():
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=mesh)
+    np.testing.assert_allclose(sums, ref_sums, rtol=1e-5, atol=1e-5, err_msg=mesh)
+    if mesh.endswith("x4") or mesh.endswith("x8"):
+      assert any("fsdp" in s for s in specs), (mesh, specs)  # parameters really are sharded over fsdp
+
+
+PROCESS = r"""
+import json, sys, pathlib
+sys.path.insert(0, {tests!r})
+from dreambooth_jax import distributed
+distributed.initialize()
+import jax, numpy as np
+from test_train import fast_config
+from dreambooth_jax import checkpoint, sharding, train
+workdir = pathlib.Path({workdir!r})
+config = fast_config("train_batch_size=4", "max_train_steps=3", "checkpointing_steps=3", "validation_steps=0",
+                     "export_at_end=False", "mesh_data=2", "mesh_fsdp=2", "with_prior_preservation=False")
+job = train.train(config, workdir)
+params = sharding.to_host(job.state["params"])
+step, state, side = checkpoint.restore(job.mgr, None, checkpoint.abstract_like(job.state, job.state_shardings))
+restored = sharding.to_host(state["params"])
+same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)))
+print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),
+                  "restored_step": int(sharding.to_host(state["step"])), "restored_equal": same,
+                  "sums": [float(np.abs(p).sum()) for p in jax.tree.leaves(params)]}}))
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_save_restore_and_agree(tmp_path):
+  """Two jax.distributed processes (2 CPU devices each, mesh data=2 x fsdp=2) train 3 steps, checkpoint, restore;
+  both hold the same parameters, the restore is exact, and the losses equal a 1-process 4-device run (rtol 1e-5)."""
+  base_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  base_env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes compiling at once: keep them off the shared cache
+  port = free_port()
+  procs = []
+  for i in range(2):
+    env = dict(base_env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+    procs.append(subprocess.Popen([sys.executable, "-c", PROCESS.format(tests=TESTS, workdir=str(tmp_path / "two"))],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
+  outs = []
+  for p in procs:
+    stdout, stderr = p.communicate(timeout=900)
+    assert p.returncode == 0, stderr[-3000:]
+    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  assert [o["process"] for o in outs] == [0, 1] and all(o["count"] == 2 and o["devices"] == 4 for o in outs)
+  assert all(o["restored_step"] == 3 and o["restored_equal"] for o in outs)
+  assert outs[0]["sums"] == outs[1]["sums"]
+  two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+  env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  single = subprocess.run([sys.executable, "-c", PROCESS.format(tests=TESTS, workdir=str(tmp_path / "one"))],
+                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
+  assert single.returncode == 0, single.stderr[-3000:]
+  one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+  assert len(two) == 3
+  np.testing.assert_allclose(two, one, rtol=1e-5)
