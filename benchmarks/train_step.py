@@ -1,0 +1,165 @@
+"""Train-step benchmark: our jitted DreamBooth step vs a diffusers-torch step (UNet forward + backward + AdamW) on
+the same device and model config, in one run; optional scaling over 1/2/4/8 (fake CPU or real) devices.
+
+  python benchmarks/train_step.py --model=tiny --resolution=64 --batch=2            # CPU, the bundled tiny model
+  python benchmarks/train_step.py --model=sd15 --resolution=512 --batch=1 --prior   # GPU: SD 1.5 shape, 1 + 1
+  python benchmarks/train_step.py --model=tiny --scaling=1,2,4,8                   # 8 fake CPU devices
+
+Reports compile time, step time, images/s, achieved TFLOP/s and MFU (XLA's cost analysis of the compiled step /
+step time / --peak_tflops), peak device memory where the device reports it, and torch's images/s and the ratio.
+Weights are random (speed does not depend on their values); shapes come from the bundled configs.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd15"),
+          "sd21": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd21")}
+
+
+def make_config(args):
+  sys.path.insert(0, str(ROOT / "configs"))
+  import tiny  # noqa: PLC0415
+  c = tiny.get_config()
+  c.pretrained_model_name_or_path = MODELS[args.model]
+  c.random_init = True
+  c.resolution, c.train_batch_size = args.resolution, args.batch
+  c.with_prior_preservation = args.prior
+  c.num_class_images = args.batch if args.prior else 0
+  c.class_generation_steps = 1
+  c.mixed_precision = args.mixed_precision
+  c.remat = args.remat
+  c.optimizer_moments_bf16 = args.moments_bf16
+  c.gradient_accumulation_steps = 1
+  c.validation_steps = 0
+  c.mesh_data, c.mesh_fsdp = args.data, args.fsdp
+  if args.lora:
+    c.lora.enabled = True
+    c.lora.rank = args.lora
+  return c
+
+
+def ours(args) -> dict:
+  from dreambooth_jax import sharding, train  # noqa: PLC0415
+  config = make_config(args)
+  devices = jax.devices()[:args.devices] if args.devices else None
+  mesh = sharding.make_mesh(args.data, args.fsdp, devices=devices)
+  job = train.setup(config, pathlib.Path(tempfile.mkdtemp()) / "run", mesh=mesh)
+  state = job.state
+  batches = [job.data.next_batch() for _ in range(2)]
+  for i in range(args.warmup):
+    state, metrics = job.step_fn(state, batches[i % 2], job.rng, job.frozen)
+  jax.block_until_ready(metrics)
+  t0 = time.perf_counter()
+  for i in range(args.steps):
+    state, metrics = job.step_fn(state, batches[i % 2], job.rng, job.frozen)
+  jax.block_until_ready(metrics)
+  step_time = (time.perf_counter() - t0) / args.steps
+  images = job.data.global_batch_size
+  flops = job.flops_per_step or 0.0
+  stats = jax.local_devices()[0].memory_stats() or {}
+  result = {"step_time_s": step_time, "images_per_s": images / step_time, "global_batch": images,
+            "tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_time / 1e12 / mesh.devices.size,
+            "devices": int(mesh.devices.size), "peak_bytes": stats.get("peak_bytes_in_use")}
+  if args.peak_tflops:
+    result["mfu"] = result["achieved_tflops"] / args.peak_tflops
+  return result
+
+
+def torch_step(args) -> dict:
+  import torch  # noqa: PLC0415
+  from diffusers import UNet2DConditionModel  # noqa: PLC0415
+  from dreambooth_jax import weights  # noqa: PLC0415
+  folder = weights.TINY_MODEL if args.model == "tiny" else pathlib.Path(MODELS[args.model])
+  config = json.loads((folder / "unet" / "config.json").read_text())
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  unet = UNet2DConditionModel.from_config(config).to(device).train()
+  text_dim = json.loads((folder / "text_encoder" / "config.json").read_text())["hidden_size"]
+  vae_factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+  if args.remat:
+    unet.enable_gradient_checkpointing()
+  opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
+  batch = args.batch * (2 if args.prior else 1)
+  size = args.resolution // vae_factor
+  x = torch.randn(batch, config["in_channels"], size, size, device=device)
+  ctx = torch.randn(batch, 77, text_dim, device=device)
+  t = torch.randint(0, 1000, (batch,), device=device)
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+
+  def step():
+    with autocast:
+      loss = torch.nn.functional.mse_loss(unet(x, t, ctx).sample.float(), x)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  for _ in range(args.warmup):
+    step()
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  sync()
+  t0 = time.perf_counter()
+  for _ in range(args.steps):
+    step()
+  sync()
+  step_time = (time.perf_counter() - t0) / args.steps
+  peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+  return {"step_time_s": step_time, "images_per_s": batch / step_time, "device": device, "peak_bytes": peak}
+
+
+def scaling(args) -> list[dict]:
+  rows = []
+  for n in [int(v) for v in args.scaling.split(",")]:
+    env = dict(os.environ)
+    if jax.default_backend() == "cpu":
+      env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(8, n)}".strip()
+    cmd = [sys.executable, __file__, f"--model={args.model}", f"--resolution={args.resolution}",
+           f"--batch={args.batch * n}", f"--steps={args.steps}", f"--warmup={args.warmup}", "--no_torch",
+           f"--devices={n}", f"--data={n}", "--fsdp=1", f"--mixed_precision={args.mixed_precision}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])["ours"]
+    rows.append({"devices": n, **result})
+  return rows
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--model", default="tiny", choices=sorted(MODELS))
+  p.add_argument("--resolution", type=int, default=64)
+  p.add_argument("--batch", type=int, default=2, help="instance images per step (x2 with --prior)")
+  p.add_argument("--prior", action="store_true")
+  p.add_argument("--steps", type=int, default=10)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
+  p.add_argument("--remat", default="none")
+  p.add_argument("--moments_bf16", action="store_true")
+  p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tune)")
+  p.add_argument("--data", type=int, default=-1)
+  p.add_argument("--fsdp", type=int, default=1)
+  p.add_argument("--devices", type=int, default=0)
+  p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16 dense: 989)")
+  p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--scaling", default="", help="e.g. 1,2,4,8: weak scaling, batch per device fixed")
+  args = p.parse_args()
+  result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "args": vars(args),
+            "ours": ours(args)}
+  if not args.no_torch:
+    result["torch"] = torch_step(args)
+    result["speedup_vs_torch"] = result["ours"]["images_per_s"] / result["torch"]["images_per_s"]
+  if args.scaling:
+    result["scaling"] = scaling(args)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
