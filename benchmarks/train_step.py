@@ -69,10 +69,10 @@ def ours(args) -> dict:
   flops = job.flops_per_step or 0.0
   stats = jax.local_devices()[0].memory_stats() or {}
   result = {"step_time_s": step_time, "images_per_s": images / step_time, "global_batch": images,
-            "tflops_per_step": flops / 1e12, "achieved_tflops": flops / step_time / 1e12 / mesh.devices.size,
+            "tflops_per_step_per_device": flops / 1e12, "achieved_tflops_per_device": flops / step_time / 1e12,
             "devices": int(mesh.devices.size), "peak_bytes": stats.get("peak_bytes_in_use")}
   if args.peak_tflops:
-    result["mfu"] = result["achieved_tflops"] / args.peak_tflops
+    result["mfu"] = result["achieved_tflops_per_device"] / args.peak_tflops
   return result
 
 
