@@ -7,6 +7,7 @@ Re-running the same command resumes from the latest checkpoint in WORKDIR/checkp
 
 import dataclasses
 import json
+import logging as std_logging
 import pathlib
 import signal
 import sys
@@ -103,16 +104,26 @@ def validation_images(sd, graphdefs, params, frozen, config, mesh) -> np.ndarray
 
 
 class Preemption:
-  """SIGTERM (preemption) asks the loop to checkpoint and exit at the next step boundary."""
+  """SIGTERM (preemption) asks the loop to checkpoint and exit at the next step boundary.
 
-  def __init__(self):
-    self.requested = False
-    signal.signal(signal.SIGTERM, self._handle)
+  One process: our SIGTERM handler. Several: every process must agree on the step, or the checkpoint's
+  collectives would hang, so the decision is jax's preemption sync point (through Orbax), which the distributed
+  runtime's preemption notifier feeds."""
+
+  def __init__(self, mgr):
+    self.mgr, self.signalled = mgr, False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     del signum, frame
     logging.warning("SIGTERM received: checkpointing at the end of this step, then exiting")
-    self.requested = True
+    self.signalled = True
+
+  def requested(self, step: int) -> bool:
+    if jax.process_count() == 1:
+      return self.signalled
+    return bool(self.mgr.reached_preemption(step))
 
 
 @dataclasses.dataclass
@@ -247,7 +258,7 @@ def train(config, workdir: pathlib.Path) -> Job:
   start = int(jax.device_get(state["step"]))
   writer = metrics_lib.MetricsWriter(workdir, total_steps=config.max_train_steps, initial_step=start,
                                      enabled=primary)
-  preemption = Preemption()
+  preemption = Preemption(mgr)
   evaluator = None
   if config.get("eval_steps"):
     evaluator = train_eval.Evaluator(config, workdir, train_eval.instance_paths(config), primary=primary)
@@ -277,8 +288,9 @@ def train(config, workdir: pathlib.Path) -> Job:
       done = step + 1
       pending = (done, step_metrics, dispatched)
       evaluate_now = evaluator is not None and done % config.eval_steps == 0
-      must_save = (done % config.checkpointing_steps == 0 or done == config.max_train_steps
-                   or preemption.requested or evaluate_now)
+      preempted = preemption.requested(done)
+      must_save = (done % config.checkpointing_steps == 0 or done == config.max_train_steps or preempted
+                   or evaluate_now)
       if must_save:
         flush(pending)  # never checkpoint a state whose loss was not finite
         pending = None
@@ -295,7 +307,7 @@ def train(config, workdir: pathlib.Path) -> Job:
           from PIL import Image  # noqa: PLC0415
           Image.fromarray(grid).save(workdir / "validation" / f"step_{done:06d}.png")
           writer.image("validation", grid, done)
-      if preemption.requested:
+      if preempted:
         logging.warning("preempted: checkpoint at step %d saved, exiting", done)
         writer.close()
         sys.exit(143)
@@ -318,8 +330,15 @@ def train(config, workdir: pathlib.Path) -> Job:
   return dataclasses.replace(job, state=state)
 
 
+def quiet_library_logs():
+  """Orbax logs every save/restore step at INFO; keep its warnings, drop the rest from the console."""
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/"))
+
+
 def main(argv):
   del argv
+  quiet_library_logs()
   config = flags.FLAGS.config
   if flags.FLAGS.dry_run:
     distributed.initialize()

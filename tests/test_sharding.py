@@ -40,12 +40,14 @@ def test_logical_rules_shard_big_axes_over_fsdp():
 
 
 MESH_STEPS = r"""
-import json, sys, tempfile, pathlib
+import json, shutil, sys, tempfile, pathlib
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from test_train import fast_config
 from dreambooth_jax import sharding, train
 tmp = pathlib.Path(tempfile.mkdtemp())
+# Photos as the class images (prior preservation on, no sampler compile): the test is about the train step.
+shutil.copytree(pathlib.Path({tests!r}).parent / "dreambooth_jax" / "assets" / "dog", tmp / "class")
 config = fast_config("train_batch_size=4", f"class_data_dir={{tmp / 'class'}}")
 out = {{}}
 for data, fsdp in [(1, 1), (8, 1), (2, 4), (1, 8)]:

@@ -98,23 +98,46 @@ def test_export_loads_in_diffusers_torch_and_generates(full_run, tmp_path):
   assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
 
 
-def test_kill_9_and_resume_gives_identical_losses(full_run, tmp_path):
+def last_logged_step(workdir) -> int:
+  metrics = workdir / "metrics.jsonl"
+  lines = metrics.read_text().splitlines() if metrics.is_file() else []
+  return json.loads(lines[-1])["step"] if lines else 0
+
+
+def wait_for(proc, condition, what: str, timeout: float = 400):
+  deadline = time.time() + timeout
+  while time.time() < deadline and proc.poll() is None and not condition():
+    time.sleep(0.05)
+  assert proc.poll() is None, f"the run ended before {what}"
+
+
+def test_sigterm_and_kill_9_then_resume_give_identical_losses(full_run, tmp_path):
+  """Preempted (SIGTERM: checkpoint, exit 143), resumed, killed hard (kill -9), resumed again: step for step the
+  losses of the uninterrupted run, bitwise on CPU. (Checkpoints every step here, which changes nothing in the
+  losses and leaves a wide window to interrupt in.)"""
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(train_command(workdir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  deadline = time.time() + 400
-  # Kill hard once the step-10 checkpoint exists and training went on past it.
-  while time.time() < deadline and proc.poll() is None:
-    metrics = workdir / "metrics.jsonl"
-    if (workdir / "checkpoints" / "10").is_dir() and metrics.is_file() and len(
-        metrics.read_text().splitlines()) >= 13:
-      break
-    time.sleep(0.2)
-  assert proc.poll() is None, "the run ended before it could be killed"
+  command = train_command(workdir, "checkpointing_steps=1")
+  log = tmp_path / "first.log"
+  with open(log, "w") as stderr_file:  # a file, not a pipe: a full pipe would block the run
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_file)
+    wait_for(proc, lambda: last_logged_step(workdir) >= 5, "SIGTERM")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+  stderr = log.read_text()
+  assert proc.returncode == 143, stderr[-3000:]
+  preempted = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert 5 <= preempted < 30 and "SIGTERM received" in stderr
+
+  proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  wait_for(proc, lambda: last_logged_step(workdir) >= max(preempted + 3, 15), "kill -9")
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
-  result = subprocess.run(train_command(workdir), capture_output=True, text=True, timeout=400)
+  killed_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert killed_at > preempted
+
+  result = subprocess.run(command, capture_output=True, text=True, timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "resumed from step" in result.stderr
+  assert f"resumed from step {killed_at}" in result.stderr
   resumed, reference = read_losses(workdir), read_losses(full_run)
   assert sorted(resumed) == sorted(reference)
   for step in reference:  # bitwise on CPU
