@@ -20,6 +20,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from dreambooth_jax import train_data, weights
 
 GIB = 2**30
+BUNDLED_CONFIGS = pathlib.Path(__file__).parent / "assets" / "sd-configs"
+KNOWN_HUB_CONFIGS = {  # hub id -> bundled configs with the same shapes
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
+    "CompVis/stable-diffusion-v1-4": "sd15", "stabilityai/stable-diffusion-2-1": "sd21",
+    "stabilityai/stable-diffusion-2-1-base": "sd21"}
 LEVERS = ("remat='full' (or 'attention'/'dots')", "param_dtype='bfloat16'", "optimizer_moments_bf16=True",
           "mesh_fsdp=<devices> (shard params and optimizer state)", "a smaller train_batch_size with "
           "gradient_accumulation_steps", "cache_latents=True (no VAE encoder in the step)", "lora.enabled=True")
@@ -40,7 +45,15 @@ def model_config_dir(config) -> pathlib.Path:
   if local.exists():
     return weights.resolve_model_dir(local)
   from huggingface_hub import snapshot_download  # noqa: PLC0415
-  return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "tokenizer/*"]))
+  try:
+    return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "tokenizer/*"]))
+  except Exception as e:  # offline, unknown or gated repo
+    if path in KNOWN_HUB_CONFIGS:  # shapes are all a plan needs: the bundled configs of the same architecture
+      logging.warning("%s: hub unreachable (%s); planning with the bundled %s configs", path, type(e).__name__,
+                      KNOWN_HUB_CONFIGS[path])
+      return BUNDLED_CONFIGS / KNOWN_HUB_CONFIGS[path]
+    raise FileNotFoundError(f"{path}: cannot fetch its configs from the Hugging Face hub ({type(e).__name__}); pass "
+                            "a local diffusers folder as pretrained_model_name_or_path") from None
 
 
 def abstract_model(config, *, dtype, param_dtype, unet_kwargs) -> weights.StableDiffusion:

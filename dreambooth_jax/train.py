@@ -207,6 +207,9 @@ def dry_run(config, mesh=None) -> CompiledStep:
                                unet_kwargs={"remat": config.remat})
   step = compile_step(config, sd, *trainable_state(sd, config), mesh)
   print(step.memory.table())
+  if jax.default_backend() == "cpu":
+    print("note: planned with XLA's CPU compiler; GPU/TPU temporaries differ (flash attention, their own "
+          "rematerialisation): plan on the target device for its figures")
   print(f"compile time {step.compile_seconds:.1f}s; {(step.flops or 0) / 1e12:.3f} TFLOP per step")
   return step
 
