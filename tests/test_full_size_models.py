@@ -1,0 +1,74 @@
+"""Full-size SD 1.5 and SD 2.1 architectures (the bundled configs: 320/640/1280/1280 channels, 8 heads / head dims
+5-10-20-20 with linear projections, CLIP ViT-L/14 / OpenCLIP ViT-H text encoders) against diffusers/transformers
+with random weights, at a small spatial size. Not in the default suite (minutes, ~10 GB RAM):
+
+  python -m pytest -m slow tests/test_full_size_models.py
+
+Tolerance: fp32, max |ours - reference| <= 1e-4 * max(1, max |reference|).
+"""
+
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from reference_models import to_numpy
+from dreambooth_jax import weights
+
+pytestmark = pytest.mark.slow
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "dreambooth_jax" / "assets" / "sd-configs"
+TOL = 1e-4
+
+
+def close(ours, ref):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  err, scale = np.abs(ours - ref).max(), max(1.0, np.abs(ref).max())
+  assert err <= TOL * scale, f"max abs error {err:.3g} > {TOL} x {scale:.3g}"
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21"])
+def test_full_size_components_match_the_references(name, tmp_path):
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+  folder = CONFIGS / name
+  config = lambda c: json.loads((folder / c / "config.json").read_text())
+  torch.manual_seed(0)
+  rng = np.random.default_rng(0)
+
+  unet = UNet2DConditionModel.from_config(config("unet")).eval()
+  unet.save_pretrained(tmp_path / "unet")
+  x = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+  t = np.array([500], np.int64)
+  context = rng.standard_normal((1, 77, config("unet")["cross_attention_dim"])).astype(np.float32)
+  with torch.no_grad():
+    want = to_numpy(unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                         torch.from_numpy(context)).sample).transpose(0, 2, 3, 1)
+  del unet
+  ours, _ = weights.load_component(tmp_path, "unet", dtype=jnp.float32)
+  close(ours(x, t.astype(np.int32), context), want)
+  del ours
+
+  text = CLIPTextModel(CLIPTextConfig.from_dict(config("text_encoder"))).eval()
+  text.save_pretrained(tmp_path / "text_encoder")
+  ids = rng.integers(0, 49407, (1, 77))
+  with torch.no_grad():
+    want = to_numpy(text(torch.from_numpy(ids)).last_hidden_state)
+  del text
+  ours, _ = weights.load_component(tmp_path, "text_encoder")
+  close(ours(ids.astype(np.int32))[0], want)
+  del ours
+
+  vae = AutoencoderKL.from_config(config("vae")).eval()
+  vae.save_pretrained(tmp_path / "vae")
+  pixels = rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
+  with torch.no_grad():
+    posterior = vae.encode(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).latent_dist
+    want_mean = to_numpy(posterior.mean).transpose(0, 2, 3, 1)
+    want_decoded = to_numpy(vae.decode(posterior.mean).sample).transpose(0, 2, 3, 1)
+  ours, _ = weights.load_component(tmp_path, "vae")
+  mean, _ = ours.encode(pixels)
+  close(mean, want_mean)
+  close(ours.decode(jnp.asarray(want_mean)), want_decoded)
