@@ -92,13 +92,15 @@ from test_train import fast_config
 from dreambooth_jax import checkpoint, sharding, train
 workdir = pathlib.Path({workdir!r})
 config = fast_config("train_batch_size=4", "max_train_steps=3", "checkpointing_steps=3", "validation_steps=0",
-                     "export_at_end=False", "mesh_data=2", "mesh_fsdp=2", "with_prior_preservation=False")
+                     "export_at_end=False", "mesh_data=1", "mesh_fsdp=4", "with_prior_preservation=False")
 job = train.train(config, workdir)
 params = sharding.to_host(job.state["params"])
 step, state, side = checkpoint.restore(job.mgr, None, checkpoint.abstract_like(job.state, job.state_shardings))
 restored = sharding.to_host(state["params"])
 same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(restored)))
+cross = any(not leaf.is_fully_addressable for leaf in jax.tree.leaves(job.state["params"]))
 print(json.dumps({{"process": jax.process_index(), "count": jax.process_count(), "devices": jax.device_count(),
+                  "cross_process_params": cross,
                   "restored_step": int(sharding.to_host(state["step"])), "restored_equal": same,
                   "sums": [float(np.abs(p).sum()) for p in jax.tree.leaves(params)]}}))
 """
@@ -111,8 +113,9 @@ def free_port() -> int:
 
 
 def test_two_processes_train_save_restore_and_agree(tmp_path):
-  """Two jax.distributed processes (2 CPU devices each, mesh data=2 x fsdp=2) train 3 steps, checkpoint, restore;
-  both hold the same parameters, the restore is exact, and the losses equal a 1-process 4-device run (rtol 1e-5)."""
+  """Two jax.distributed processes (2 CPU devices each, mesh data=1 x fsdp=4: parameters and optimizer state sharded
+  across both processes) train 3 steps, checkpoint, restore; both gather the same parameters, the restore is exact,
+  and the losses equal a 1-process 4-device run (rtol 1e-5)."""
   base_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   base_env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes compiling at once: keep them off the shared cache
   port = free_port()
@@ -128,6 +131,7 @@ def test_two_processes_train_save_restore_and_agree(tmp_path):
     outs.append(json.loads(stdout.strip().splitlines()[-1]))
   assert [o["process"] for o in outs] == [0, 1] and all(o["count"] == 2 and o["devices"] == 4 for o in outs)
   assert all(o["restored_step"] == 3 and o["restored_equal"] for o in outs)
+  assert all(o["cross_process_params"] for o in outs)  # FSDP really spans the two processes
   assert outs[0]["sums"] == outs[1]["sums"]
   two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
   env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
