@@ -6,6 +6,7 @@ Tolerance: fp32, max |ours - torch| <= 1e-4 * max(1, max |torch|) (relative to t
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 import pytest
 import torch
 
@@ -87,7 +88,8 @@ def test_bf16_compute_with_fp32_params(tiny_sd1_dir):
   assert sd.unet.conv_in.kernel.get_value().dtype == jnp.float32
   x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
   ctx = np.random.default_rng(1).standard_normal((1, 77, 32)).astype(np.float32)
-  out = sd.unet(x, np.array([500]), ctx)
+  run = nnx.jit(lambda unet: unet(x, np.array([500]), ctx))  # compiled: eager bf16 op by op is slow on CPU
+  out = run(sd.unet)
   assert out.dtype == jnp.bfloat16
   # bf16 has 8 bits of mantissa: a loose bound that still catches a wrong layer.
-  assert_close(np.asarray(out, np.float32), np.asarray(ref.unet(x, np.array([500]), ctx)), tol=0.1)
+  assert_close(np.asarray(out, np.float32), np.asarray(run(ref.unet)), tol=0.1)
