@@ -117,27 +117,28 @@ def test_two_processes_train_save_restore_and_agree(tmp_path):
   across both processes) train 3 steps, checkpoint, restore; both gather the same parameters, the restore is exact,
   and the losses equal a 1-process 4-device run (rtol 1e-5)."""
   base_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  base_env.pop("JAX_COMPILATION_CACHE_DIR", None)  # two processes compiling at once: keep them off the shared cache
+  base_env.pop("JAX_COMPILATION_CACHE_DIR", None)  # processes compiling at once: keep them off the shared cache
   port = free_port()
+  envs = [dict(base_env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+          for i in range(2)]
+  envs.append(dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))  # the 1-process reference
+  workdirs = ["two", "two", "one"]
   procs = []
-  for i in range(2):
-    env = dict(base_env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen([sys.executable, "-c", PROCESS.format(tests=TESTS, workdir=str(tmp_path / "two"))],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT))
-  outs = []
-  for p in procs:
-    stdout, stderr = p.communicate(timeout=900)
-    assert p.returncode == 0, stderr[-3000:]
-    outs.append(json.loads(stdout.strip().splitlines()[-1]))
+  for i, (env, workdir) in enumerate(zip(envs, workdirs)):  # all three at once; logs to files, never a full pipe
+    with open(tmp_path / f"out{i}.txt", "w") as out, open(tmp_path / f"err{i}.txt", "w") as err:
+      procs.append(subprocess.Popen([sys.executable, "-c", PROCESS.format(tests=TESTS, workdir=str(tmp_path / workdir))],
+                                    env=env, stdout=out, stderr=err, cwd=ROOT))
+  results = []
+  for i, p in enumerate(procs):
+    p.wait(timeout=900)
+    assert p.returncode == 0, (tmp_path / f"err{i}.txt").read_text()[-3000:]
+    results.append(json.loads((tmp_path / f"out{i}.txt").read_text().strip().splitlines()[-1]))
+  outs = results[:2]
   assert [o["process"] for o in outs] == [0, 1] and all(o["count"] == 2 and o["devices"] == 4 for o in outs)
   assert all(o["restored_step"] == 3 and o["restored_equal"] for o in outs)
   assert all(o["cross_process_params"] for o in outs)  # FSDP really spans the two processes
   assert outs[0]["sums"] == outs[1]["sums"]
   two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-  env = dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  single = subprocess.run([sys.executable, "-c", PROCESS.format(tests=TESTS, workdir=str(tmp_path / "one"))],
-                          env=env, capture_output=True, text=True, timeout=900, cwd=ROOT)
-  assert single.returncode == 0, single.stderr[-3000:]
   one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
   assert len(two) == 3
   np.testing.assert_allclose(two, one, rtol=1e-5)
