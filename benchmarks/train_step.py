@@ -20,7 +20,6 @@ import tempfile
 import time
 
 import jax
-import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd15"),

@@ -18,7 +18,6 @@ import pathlib
 import jax
 import ml_collections
 from absl import app, flags, logging
-from flax import nnx
 
 from dreambooth_jax import checkpoint, lora as lora_lib, optim, single_file_io, train_step as train_step_lib, weights
 from dreambooth_jax.formats import kohya
@@ -107,12 +106,7 @@ def load_run(workdir: pathlib.Path, step: int | None):
     raise FileNotFoundError(f"{config_path}: missing; is {workdir} a training run folder?")
   config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
   sd = train.load_model(config)
-  params, bases = {}, {}
-  for name, module in train.trainable_modules(sd, config).items():
-    params[name], base = train_step_lib.split_trainable(module)
-    if base is not None:
-      bases[f"{name}_base"] = base
-  graphdefs = {name: nnx.split(getattr(sd, name))[0] for name in params}
+  graphdefs, params, frozen = train.trainable_state(sd, config)
   tx, _ = optim.make_optimizer(config, tuple(params))
   abstract = jax.eval_shape(lambda p: train_step_lib.init_train_state(p, tx), params)
   mgr = checkpoint.manager(workdir, None)
@@ -121,7 +115,7 @@ def load_run(workdir: pathlib.Path, step: int | None):
   if step is not None and step not in mgr.all_steps():
     raise ValueError(f"step {step}: no such checkpoint in {workdir}/checkpoints (have {sorted(mgr.all_steps())})")
   step, state, _ = checkpoint.restore(mgr, step, abstract)
-  view = train.trained_view(sd, graphdefs, jax.device_get(state["params"]), bases)
+  view = train.trained_view(sd, graphdefs, jax.device_get(state["params"]), frozen)
   return config, view, step
 
 

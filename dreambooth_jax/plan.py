@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-from dreambooth_jax import train_data, weights
+from dreambooth_jax import sharding as sharding_lib, train_data, weights
 
 GIB = 2**30
 BUNDLED_CONFIGS = pathlib.Path(__file__).parent / "assets" / "sd-configs"
@@ -79,7 +79,7 @@ def batch_spec(config, sd, mesh) -> dict:
     spec["context"] = ((batch, tokens, sd.text_encoder.config.hidden_size), jnp.float32)
   else:
     spec["ids"] = ((batch, tokens), jnp.int32)
-  sharding = NamedSharding(mesh, P(None, mesh.axis_names))
+  sharding = sharding_lib.accumulation_batch_sharding(mesh)
   return {k: jax.ShapeDtypeStruct((accum, *shape), dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
 
 
@@ -148,7 +148,3 @@ def check_fits(plan: MemoryPlan, config):
         f"this config needs about {plan.peak / GIB:.2f} GiB per device, the device has {plan.limit / GIB:.2f} GiB "
         f"(resolution={config.resolution}, train_batch_size={config.train_batch_size}, remat={config.remat!r}, "
         f"mesh_fsdp={config.mesh_fsdp}). Levers: " + "; ".join(LEVERS) + ".\n" + plan.table())
-
-
-def abstract_tree(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=s), tree, shardings)

@@ -15,10 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dreambooth_jax import schedule as schedule_lib
-from dreambooth_jax.models.vae import unscale_latents
+from dreambooth_jax import schedule as schedule_lib, sharding as sharding_lib
 from dreambooth_jax.tokenizer import tokenize
 
 
@@ -72,10 +70,6 @@ def to_uint8(images_BHWC) -> np.ndarray:
   return (np.asarray(images_BHWC) * 255).round().astype(np.uint8)
 
 
-def batch_sharding(mesh) -> NamedSharding | None:
-  return None if mesh is None else NamedSharding(mesh, P(mesh.axis_names))
-
-
 def generate(sd, prompts: Sequence[str], indices: Sequence[int], *, seed: int = 0,
              settings: SamplerSettings = SamplerSettings(), negative_prompt: str | Sequence[str] = "",
              init_latents_BHWC: np.ndarray | None = None, mesh=None, unet=None) -> np.ndarray:
@@ -104,7 +98,7 @@ def generate(sd, prompts: Sequence[str], indices: Sequence[int], *, seed: int = 
                        f"{(batch, lh, lw, sd.vae.config.latent_channels)} for {settings.height}x{settings.width}")
   cond = tokenize(sd.tokenizer, prompts)
   uncond = tokenize(sd.tokenizer, negative_prompt)
-  sharding = batch_sharding(mesh)
+  sharding = None if mesh is None else sharding_lib.batch_sharding(mesh)
   if sharding is not None:  # every process holds the same full batch; each places the shards of its devices
     cond, uncond, latents, key_data = (
         jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])

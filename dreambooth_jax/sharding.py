@@ -84,7 +84,13 @@ def tree_shardings(tree, mesh: Mesh, rules: dict = DEFAULT_RULES):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(AXES))
+  """Leading (example) axis split over every device of the mesh."""
+  return NamedSharding(mesh, P(mesh.axis_names))
+
+
+def accumulation_batch_sharding(mesh: Mesh) -> NamedSharding:
+  """(accumulation step, example, ...) arrays: micro-batch axis replicated, example axis over every device."""
+  return NamedSharding(mesh, P(None, mesh.axis_names))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -95,12 +95,7 @@ def trained_view(sd, graphdefs, params, frozen) -> weights.StableDiffusion:
 
 def validation_images(sd, graphdefs, params, frozen, config, mesh) -> np.ndarray:
   view = trained_view(sd, graphdefs, params, frozen)
-  settings = sampling.SamplerSettings(steps=config.validation_inference_steps, guidance=config.validation_guidance,
-                                      height=config.resolution, width=config.resolution)
-  prompts = [config.validation_prompt] * config.num_validation_images
-  batches = sampling.generate_all(view, prompts, seed=config.seed, batch_size=config.num_validation_images,
-                                  settings=settings, mesh=mesh)
-  return np.concatenate([images for _, images in batches])
+  return train_eval.sample(view, [config.validation_prompt] * config.num_validation_images, config, mesh)
 
 
 class Preemption:
@@ -184,7 +179,7 @@ def compile_step(config, sd, graphdefs, params, frozen, mesh) -> CompiledStep:
   step_fn = train_step_lib.make_train_step(graphdefs, tx, lr_schedules, settings)
   batch = plan_lib.batch_spec(config, sd, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
-  frozen_in = plan_lib.abstract_tree(frozen, frozen_shardings)
+  frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
   t0 = time.perf_counter()
   compiled = jax.jit(step_fn, in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch), None,
                                             frozen_shardings),
@@ -217,6 +212,7 @@ def dry_run(config, mesh=None) -> CompiledStep:
 def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   """Model, compiled step (refused if it cannot fit), class images, data, sharded state (restored if a
   checkpoint exists)."""
+  train_eval.check_config(config)
   mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
   sd = load_model(config)
@@ -233,7 +229,6 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   data = train_data.TrainData(config, sd, mesh, workdir)
   frozen = jax.device_put(frozen, step.frozen_shardings)
 
-  train_eval.check_config(config)
   mgr = checkpoint.manager(workdir, config.checkpoints_total_limit,
                            best_metric=config.eval_metric if config.get("eval_steps") else None)
   if mgr.latest_step() is not None:
@@ -264,7 +259,7 @@ def train(config, workdir: pathlib.Path) -> Job:
   preemption = Preemption(mgr)
   evaluator = None
   if config.get("eval_steps"):
-    evaluator = train_eval.Evaluator(config, workdir, train_eval.instance_paths(config), primary=primary)
+    evaluator = train_eval.Evaluator(config, workdir, data.sets["instance"].paths, primary=primary)
   pending = None  # (step, device metrics, dispatch time) of the last dispatched step, read one step late
   images_per_step = data.global_batch_size * config.gradient_accumulation_steps
 
@@ -321,15 +316,17 @@ def train(config, workdir: pathlib.Path) -> Job:
 
   if mgr.latest_step() != config.max_train_steps:
     checkpoint.save(mgr, config.max_train_steps, state, {"data": data.get_state(), "step": config.max_train_steps})
-  params = sharding.to_host(state["params"])  # collective on multi-host: every process gathers
-  bases = sharding.to_host({k: v for k, v in job.frozen.items() if k.endswith("_base")})
-  if config.export_at_end and primary:
-    from dreambooth_jax import export  # noqa: PLC0415
-    view = trained_view(sd, graphdefs, params, bases)
-    if lora_settings(config):
-      export.export_lora(view, config, workdir / "export" / "pytorch_lora_weights.safetensors", "lora_diffusers")
-    else:
-      export.export_diffusers(view, workdir / "export", dtype=config.export_dtype or None)
+  if config.export_at_end:
+    # Collectives on multi-host: every process gathers, process 0 writes.
+    params = sharding.to_host(state["params"])
+    bases = sharding.to_host({k: v for k, v in job.frozen.items() if k.endswith("_base")})
+    if primary:
+      from dreambooth_jax import export  # noqa: PLC0415
+      view = trained_view(sd, graphdefs, params, bases)
+      if lora_settings(config):
+        export.export_lora(view, config, workdir / "export" / "pytorch_lora_weights.safetensors", "lora_diffusers")
+      else:
+        export.export_diffusers(view, workdir / "export", dtype=config.export_dtype or None)
   return dataclasses.replace(job, state=state)
 
 

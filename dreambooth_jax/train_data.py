@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dreambooth_jax import data as data_lib
+from dreambooth_jax import data as data_lib, sharding as sharding_lib
 from dreambooth_jax.tokenizer import tokenize
 
 BUNDLED_DOG = pathlib.Path(__file__).parent / "assets" / "dog"
@@ -113,16 +112,11 @@ class TrainData:
       parts.append(part)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-  def sharding_like(self, batch: dict) -> dict:
-    """Micro-batch axis replicated, example axis split over every device of the mesh."""
-    spec = NamedSharding(self.mesh, P(None, self.mesh.axis_names))
-    return {k: spec for k in batch}
-
   def next_batch(self) -> dict:
     micro = [self._local_micro_batch() for _ in range(self.config.gradient_accumulation_steps)]
     local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-    shardings = self.sharding_like(local)
-    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in local.items()}
+    sharding = sharding_lib.accumulation_batch_sharding(self.mesh)
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
   def get_state(self) -> dict:
     return {name: it.get_state() for name, it in self.iterators.items()}

@@ -13,9 +13,17 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from dreambooth_jax import data as data_lib, sampling
+from dreambooth_jax import sampling
 
 METRICS = ("dino", "clip_i", "clip_t")
+
+
+def sample(view, prompts, config, mesh=None) -> np.ndarray:
+  """uint8 images for prompts with the validation sampler settings and fixed seeds (validation and evaluation)."""
+  settings = sampling.SamplerSettings(steps=config.validation_inference_steps, guidance=config.validation_guidance,
+                                      height=config.resolution, width=config.resolution)
+  return np.concatenate([images for _, images in sampling.generate_all(
+      view, prompts, seed=config.seed, batch_size=config.num_validation_images or 4, settings=settings, mesh=mesh)])
 
 
 def check_config(config):
@@ -28,9 +36,10 @@ def check_config(config):
 
 class Evaluator:
   def __init__(self, config, workdir: pathlib.Path, instance_paths, *, primary: bool):
+    """instance_paths: the usable instance photos (TrainData's list: bad files already skipped or refused).
+    The config must have passed check_config (setup does it before any work)."""
     from dreambooth_jax import evaluate  # noqa: PLC0415 (encoders load only when evaluation is on)
 
-    check_config(config)
     self.config, self.workdir, self.primary = config, workdir, primary
     self.metric = config.eval_metric
     self.prompts = list(config.eval_prompts) or [config.validation_prompt or config.instance_prompt]
@@ -45,13 +54,8 @@ class Evaluator:
   def __call__(self, view, step: int, mesh=None) -> dict:
     from dreambooth_jax.eval import metrics  # noqa: PLC0415
 
-    c = self.config
-    n = c.eval_images_per_prompt
-    prompts = [p for p in self.prompts for _ in range(n)]
-    settings = sampling.SamplerSettings(steps=c.validation_inference_steps, guidance=c.validation_guidance,
-                                        height=c.resolution, width=c.resolution)
-    images = np.concatenate([im for _, im in sampling.generate_all(
-        view, prompts, seed=c.seed, batch_size=c.num_validation_images or 4, settings=settings, mesh=mesh)])
+    n = self.config.eval_images_per_prompt
+    images = sample(view, [p for p in self.prompts for _ in range(n)], self.config, mesh)
     dino = self._embed(self.enc.dino, images, self.enc.dino_spec)
     clip = self._embed(self.enc.clip, images, self.enc.clip_spec)
     of_image = np.repeat(np.arange(len(self.prompts)), n)
@@ -67,9 +71,3 @@ class Evaluator:
       with open(self.workdir / "eval.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
     return values
-
-
-def instance_paths(config) -> list[pathlib.Path]:
-  from dreambooth_jax.train_data import BUNDLED_DOG  # noqa: PLC0415
-  folder = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
-  return sorted(p for p in folder.iterdir() if p.suffix.lower() in data_lib.IMAGE_EXTENSIONS)

@@ -10,7 +10,7 @@ from flax import nnx
 import pytest
 import torch
 
-from reference_models import TINY_SD1, TINY_SD2, build_pipeline, to_numpy
+from reference_models import TINY_SD1, TINY_SD2, to_numpy
 from dreambooth_jax import weights
 from dreambooth_jax.tokenizer import tokenize
 

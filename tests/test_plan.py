@@ -2,7 +2,6 @@
 the levers, and a refusal before any work when the step cannot fit."""
 
 import jax
-import numpy as np
 import pytest
 
 from test_train import fast_config

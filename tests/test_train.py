@@ -21,7 +21,6 @@ FAST = ["resolution=32", "num_class_images=4", "sample_batch_size=4", "class_gen
 
 
 def fast_config(*overrides):
-  from ml_collections import config_flags  # noqa: F401 (same loader as the CLI)
   import importlib.util
   spec = importlib.util.spec_from_file_location("tiny", TINY)
   module = importlib.util.module_from_spec(spec)

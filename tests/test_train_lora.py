@@ -3,7 +3,6 @@ preservation and validation run, a resumed run repeats the same losses, and ever
 
 import copy
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
