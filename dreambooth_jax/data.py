@@ -146,13 +146,13 @@ class SubjectIterator:
   """
 
   def __init__(self, images: SubjectImages, batch_size_per_process: int, *, seed: int, center_crop: bool = True,
-               random_flip: bool = False, process_index: int | None = None, process_count: int | None = None):
-    self.images, self.local = images, batch_size_per_process
+               random_flip: bool = False, process_index: int | None = None, process_count: int | None = None,
+               with_pixels: bool = True):
+    self.images, self.local, self.with_pixels = images, batch_size_per_process, with_pixels
     self.seed, self.center_crop, self.random_flip = seed, center_crop, random_flip
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     self.epoch, self.position = 0, 0
-    self.cacheable = center_crop  # a sample is then fully determined by (image, flip)
 
   def _example(self, epoch: int, position: int):
     n = len(self.images.paths)
@@ -181,8 +181,7 @@ class SubjectIterator:
       if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
         rows.append((*self._example(self.epoch, self.position), self.epoch, self.position))
       self._advance()
-    return {
-        "pixels_BHWC": np.stack([to_pixels(r[2]) for r in rows]),
+    batch = {
         "index_B": np.array([r[0] for r in rows], np.int32),
         "flip_B": np.array([r[1] for r in rows], bool),
         "caption_B": [self.images.captions[r[0]] for r in rows],
@@ -190,6 +189,9 @@ class SubjectIterator:
         # depend on how the batch is laid out over processes and devices
         "slot_B": np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32),
     }
+    if self.with_pixels:  # off when the trainer reads cached latents by (index, flip) instead
+      batch["pixels_BHWC"] = np.stack([to_pixels(r[2]) for r in rows])
+    return batch
 
   def get_state(self) -> dict:
     return {"epoch": self.epoch, "position": self.position, "seed": self.seed}

@@ -70,7 +70,7 @@ def batch_spec(config, sd, mesh) -> dict:
   factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
   res, tokens = config.resolution, sd.tokenizer.model_max_length
   spec = {"prior": ((batch,), jnp.float32), "slot": ((batch,), jnp.int32)}
-  if config.cache_latents and config.center_crop:
+  if train_data.caches_latents(config):
     latent = (batch, res // factor, res // factor, sd.vae.config.latent_channels)
     spec.update(latent_mean=(latent, jnp.float32), latent_std=(latent, jnp.float32))
   else:

@@ -26,6 +26,12 @@ def trains_text_encoder(config) -> bool:
   return bool(config.train_text_encoder or (lora and lora.get("enabled") and lora.get("text_encoder")))
 
 
+def caches_latents(config) -> bool:
+  """VAE posteriors are computed once per (image, flip) when crops are centred: a sample is then fully
+  determined by (image, flip)."""
+  return bool(config.cache_latents and config.center_crop)
+
+
 def caches_text(config) -> bool:
   """Text embeddings are computed once when the text encoder is frozen (and caching is on)."""
   return bool(config.cache_latents) and not trains_text_encoder(config)
@@ -66,12 +72,12 @@ class TrainData:
     self.iterators = {
         name: data_lib.SubjectIterator(images, local, seed=config.seed + k, center_crop=config.center_crop,
                                        random_flip=config.random_flip, process_index=index,
-                                       process_count=processes)
+                                       process_count=processes, with_pixels=not caches_latents(config))
         for k, (name, images) in enumerate(self.sets.items())}
     logging.info("training on %s", {k: len(v.paths) for k, v in self.sets.items()})
 
     self.latents = None
-    if config.cache_latents and all(it.cacheable for it in self.iterators.values()):
+    if caches_latents(config):
       self.latents = {name: self._cache_latents(sd.vae, images) for name, images in self.sets.items()}
     self.caches_text = caches_text(config)
     self.tokenizer = sd.tokenizer
