@@ -71,6 +71,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval_images_per_prompt = 4
   c.eval_dino_model = "facebook/dino-vits16"  # transformers folder or hub id
   c.eval_clip_model = "openai/clip-vit-large-patch14"
+  c.eval_lpips_model = ""  # LPIPS backbone weights (see dreambooth_jax.evaluate --lpips_model): adds DIV; "" = off
+  c.eval_lpips_net = "alex"  # alex | vgg
   c.export_at_end = True
   c.export_dtype = ""  # "" = float32; "float16" for smaller files
   # LoRA (Hu et al. 2021): train only low-rank factors on the UNet attention projections (and optionally more).

@@ -1,13 +1,15 @@
 """DreamBooth's subject-fidelity and prompt-fidelity metrics of a folder of generated images.
 
   python -m dreambooth_jax.evaluate --generated=DIR --real=DIR --prompts=FILE \
-      --dino_model=PATH_OR_HUB_ID --clip_model=PATH_OR_HUB_ID --out=metrics.json [--class_generated=DIR]
+      --dino_model=PATH_OR_HUB_ID --clip_model=PATH_OR_HUB_ID --out=metrics.json [--class_generated=DIR] \
+      [--lpips_model=FILE_OR_HUB_ID --lpips_net=alex|vgg]
 
 --generated is grouped by prompt through DIR/index.json (as sample.py writes it: {"images": [{"file", "prompt"}]},
 or a bare list of such entries), DIR/index.csv (columns file,prompt), or one subfolder per prompt (the prompt is
 the subfolder's prompt.txt, else its name). --real holds the subject's photos. DINO and CLIP-I compare every
 generated image with every real one; CLIP-T compares each image with its prompt; PRES (with --class_generated,
-images of the bare class prompt) is DINO between those and the real photos. DIV (LPIPS) is not available.
+images of the bare class prompt) is DINO between those and the real photos. DIV (with --lpips_model, the LPIPS
+backbone's ImageNet weights; see eval/lpips.py) is the mean LPIPS distance over pairs of images of one prompt.
 Models: transformers folders (config.json + model.safetensors), e.g. facebook/dino-vits16 and
 openai/clip-vit-large-patch14 downloaded beforehand, or hub ids when there is a network.
 """
@@ -173,18 +175,24 @@ class Encoders:
   clip_spec: object
   clip_tokenizer: object
   names: dict
+  lpips: object = None  # for DIV; None: DIV is not computed
 
 
-def load_encoders(dino_model, clip_model, dino_preprocess: str = "model") -> Encoders:
-  from dreambooth_jax.eval import encoders, preprocess  # noqa: PLC0415
+def load_encoders(dino_model, clip_model, dino_preprocess: str = "model", lpips_model=None,
+                  lpips_net: str = "alex", lpips_lin=None) -> Encoders:
+  from dreambooth_jax.eval import encoders, lpips, preprocess  # noqa: PLC0415
 
   dino, dino_dir = encoders.load_dino(dino_model)
   dino_spec = (preprocess.DINO_EVAL_SPEC if dino_preprocess == "dino_eval"
                else preprocess.spec_for_folder(dino_dir, preprocess.DINO_SPEC))
   clip, clip_dir = encoders.load_clip(clip_model)
   clip_spec = preprocess.spec_for_folder(clip_dir, preprocess.CLIP_SPEC)
-  return Encoders(dino, dino_spec, clip, clip_spec, clip_tokenizer(clip_dir),
-                  {"dino": str(dino_model), "clip": str(clip_model), "dino_preprocess": dino_preprocess})
+  names = {"dino": str(dino_model), "clip": str(clip_model), "dino_preprocess": dino_preprocess}
+  lpips_model_ = None
+  if lpips_model:
+    lpips_model_ = lpips.load_lpips(lpips_model, lpips_net, lpips_lin)
+    names.update(lpips=str(lpips_model), lpips_net=lpips_net, lpips_lin=str(lpips_lin or "bundled v0.1"))
+  return Encoders(dino, dino_spec, clip, clip_spec, clip_tokenizer(clip_dir), names, lpips_model_)
 
 
 def real_vs_real(real, enc: Encoders, batch_size: int = 16) -> dict:
@@ -200,8 +208,31 @@ def real_vs_real(real, enc: Encoders, batch_size: int = 16) -> dict:
           "counts": {"real_images": len(paths)}}
 
 
+def diversity(model, images, prompts: list[str], of_image: np.ndarray, per_prompt: dict) -> tuple[float, int]:
+  """DIV: (mean LPIPS over all pairs of images of one prompt, number of pairs); per-prompt values into per_prompt.
+
+  images: files or uint8 HWC arrays; of_image[i] indexes prompts."""
+  from dreambooth_jax.eval import lpips, metrics  # noqa: PLC0415
+
+  means, pairs = [], []
+  for i, prompt in enumerate(prompts):
+    group = [images[k] for k in np.flatnonzero(of_image == i)]
+    if len(group) >= 2:
+      try:
+        mean, count = lpips.mean_pairwise_distance(model, group, f"DIV, prompt {prompt!r}")
+      except ValueError as e:
+        raise InputError(str(e)) from None
+      per_prompt[prompt]["div"] = mean
+      means.append(mean)
+      pairs.append(count)
+  if not pairs:
+    raise InputError("DIV: every prompt has a single generated image; pairwise LPIPS needs 2 or more per prompt")
+  return metrics.div(means, pairs), int(sum(pairs))
+
+
 def evaluate(generated, real, *, dino_model=None, clip_model=None, prompts_file=None, class_generated=None,
-             batch_size: int = 16, dino_preprocess: str = "model", encoders: Encoders | None = None) -> dict:
+             batch_size: int = 16, dino_preprocess: str = "model", encoders: Encoders | None = None,
+             lpips_model=None, lpips_net: str = "alex", lpips_lin=None) -> dict:
   from dreambooth_jax.eval import metrics  # noqa: PLC0415
 
   prompts = read_prompts(prompts_file) if prompts_file else None
@@ -211,7 +242,7 @@ def evaluate(generated, real, *, dino_model=None, clip_model=None, prompts_file=
   real_paths = list_images(real, "--real")
   class_paths = list_images(class_generated, "--class_generated") if class_generated else None
 
-  enc = encoders or load_encoders(dino_model, clip_model, dino_preprocess)
+  enc = encoders or load_encoders(dino_model, clip_model, dino_preprocess, lpips_model, lpips_net, lpips_lin)
   dino, dino_spec, clip, clip_spec = enc.dino, enc.dino_spec, enc.clip, enc.clip_spec
   dino_gen, dino_real = (embed_images(dino, paths, dino_spec, batch_size) for paths in (gen_paths, real_paths))
   clip_gen, clip_real = (embed_images(clip, paths, clip_spec, batch_size) for paths in (gen_paths, real_paths))
@@ -232,6 +263,8 @@ def evaluate(generated, real, *, dino_model=None, clip_model=None, prompts_file=
   if class_paths is not None:
     results["pres"] = metrics.pres(dino_real, embed_images(dino, class_paths, dino_spec, batch_size))
     counts["class_generated_images"] = len(class_paths)
+  if enc.lpips is not None:
+    results["div"], counts["div_pairs"] = diversity(enc.lpips, gen_paths, prompts, of_image, per_prompt)
   return results
 
 
@@ -243,6 +276,9 @@ def report(results: dict) -> str:
   if "pres" in results:
     lines.append(f"PRES    {results['pres']:.4f}  ({c['class_generated_images']} class images x "
                  f"{c['real_images']} real images; lower = better prior preservation)")
+  if "div" in results:
+    lines.append(f"DIV     {results['div']:.4f}  ({c['div_pairs']} pairs of images of one prompt; higher = more "
+                 "diverse)")
   return "\n".join(lines)
 
 
@@ -257,7 +293,8 @@ def main(argv):
   try:
     results = evaluate(f.generated, f.real, dino_model=f.dino_model, clip_model=f.clip_model,
                        prompts_file=f.prompts, class_generated=f.class_generated, batch_size=f.batch_size,
-                       dino_preprocess=f.dino_preprocess)
+                       dino_preprocess=f.dino_preprocess, lpips_model=f.lpips_model, lpips_net=f.lpips_net,
+                       lpips_lin=f.lpips_lin)
   except (InputError, CheckpointError, ValueError) as e:
     sys.exit(f"evaluate: error: {e}")
   print(report(results))
@@ -278,6 +315,12 @@ def define_flags():
   flags.DEFINE_string("clip_model", "openai/clip-vit-large-patch14", "CLIPModel: transformers folder or hub id.")
   flags.DEFINE_string("class_generated", None, "Optional folder of images generated for the bare class prompt "
                       "(for PRES).")
+  flags.DEFINE_string("lpips_model", None, "LPIPS backbone weights for DIV: a .safetensors file, a folder with "
+                      "model.safetensors or a hub id; torchvision/timm `features.N.*` keys (e.g. timm/vgg16.tv_in1k "
+                      "with --lpips_net=vgg) or an lpips.LPIPS state dict. Unset: no DIV.")
+  flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone (lpips' default: alex).")
+  flags.DEFINE_string("lpips_lin", None, "LPIPS lin weights (default: those in --lpips_model, else the bundled "
+                      "v0.1 weights of the lpips package).")
   flags.DEFINE_string("out", None, "Optional JSON file to write the results to.")
   flags.DEFINE_integer("batch_size", 16, "Images per encoder call.")
   flags.DEFINE_enum("dino_preprocess", "model", ["model", "dino_eval"],

@@ -100,17 +100,22 @@ def subject_config(base, dataset: pathlib.Path, subject: str, subject_class: str
 
 
 def table_markdown(rows: list[dict]) -> str:
-  lines = ["| Method | DINO | CLIP-I | CLIP-T | subjects | images |", "|---|---|---|---|---|---|"]
+  """Table 1's columns, and DIV (Table 3) when it was measured."""
+  with_div = any("div" in r for r in rows)
+  lines = ["| Method | DINO | CLIP-I | CLIP-T |" + (" DIV |" if with_div else "") + " subjects | images |",
+           "|---|---|---|---|" + ("---|" if with_div else "") + "---|---|"]
   fmt = lambda v: "N/A" if v is None else f"{v:.3f}"
   for r in rows:
-    lines.append(f"| {r['method']} | {fmt(r['dino'])} | {fmt(r['clip_i'])} | {fmt(r.get('clip_t'))} | "
+    div = f" {fmt(r.get('div'))} |" if with_div else ""
+    lines.append(f"| {r['method']} | {fmt(r['dino'])} | {fmt(r['clip_i'])} | {fmt(r.get('clip_t'))} |{div} "
                  f"{r['subjects']} | {r['images']} |")
   return "\n".join(lines) + "\n"
 
 
 def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks", subjects=None,
         images_per_prompt: int = 4, prompts_limit: int = 0, workdirs: dict | None = None, method: str = "dreambooth_jax",
-        sample_steps: int = 50, guidance: float = 7.5, batch_size: int = 8) -> dict:
+        sample_steps: int = 50, guidance: float = 7.5, batch_size: int = 8, lpips_model=None,
+        lpips_net: str = "alex") -> dict:
   from dreambooth_jax import checkpoint, evaluate, export, sampling, train  # noqa: PLC0415
 
   dataset, out = pathlib.Path(dataset), pathlib.Path(out)
@@ -124,7 +129,7 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
     raise ProtocolError(f"{dataset}: no folder for subject(s) {missing}")
   if not subjects:
     raise ProtocolError(f"{dataset}: no subject folders")
-  encoders = evaluate.load_encoders(dino_model, clip_model)
+  encoders = evaluate.load_encoders(dino_model, clip_model, lpips_model=lpips_model, lpips_net=lpips_net)
   results, real = {}, {}
   for subject in subjects:
     sub_out = out / subject
@@ -155,6 +160,12 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
            "images": sum(r["counts"]["generated_images"] for r in results.values())},
           {"method": "Real Images", "dino": mean("dino", real.values()), "clip_i": mean("clip_i", real.values()),
            "clip_t": None, "subjects": len(real), "images": sum(r["counts"]["real_images"] for r in real.values())}]
+  if encoders.lpips is not None:
+    missing_div = [s for s, r in results.items() if "div" not in r]
+    if missing_div:  # evaluated before --lpips_model was given
+      raise ProtocolError(f"subjects {missing_div} were evaluated without LPIPS: delete their metrics.json under "
+                          f"{out} to re-evaluate them (training and images are kept)")
+    rows[0]["div"] = mean("div", results.values())
   table = {"rows": rows, "per_subject": results, "real_per_subject": real, "models": encoders.names,
            "protocol": {"token": token, "images_per_prompt": images_per_prompt, "sample_steps": sample_steps,
                         "guidance": guidance, "prompts_limit": prompts_limit}}
@@ -170,7 +181,8 @@ def main(argv):
   workdirs = dict(item.split(":", 1) for item in f.workdirs) if f.workdirs else None
   table = run(f.config, f.dataset, f.out, dino_model=f.dino_model, clip_model=f.clip_model, token=f.token,
               subjects=f.subjects, images_per_prompt=f.images_per_prompt, prompts_limit=f.prompts_limit,
-              workdirs=workdirs, sample_steps=f.sample_steps, guidance=f.guidance, batch_size=f.batch_size)
+              workdirs=workdirs, sample_steps=f.sample_steps, guidance=f.guidance, batch_size=f.batch_size,
+              lpips_model=f.lpips_model, lpips_net=f.lpips_net)
   print(table_markdown(table["rows"]))
 
 
@@ -182,6 +194,8 @@ def define_flags():
   flags.DEFINE_string("out", "runs/protocol", "Output folder.")
   flags.DEFINE_string("dino_model", "facebook/dino-vits16", "DINO ViT: transformers folder or hub id.")
   flags.DEFINE_string("clip_model", "openai/clip-vit-large-patch14", "CLIPModel: transformers folder or hub id.")
+  flags.DEFINE_string("lpips_model", None, "LPIPS backbone weights (see dreambooth_jax.evaluate): adds a DIV column.")
+  flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.")
   flags.DEFINE_string("token", "sks", "The rare identifier [V].")
   flags.DEFINE_list("subjects", None, "Subjects to run (default: every subject folder).")
   flags.DEFINE_list("workdirs", None, "subject:workdir pairs to evaluate instead of training.")

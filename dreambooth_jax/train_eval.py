@@ -2,7 +2,8 @@
 logged, and the best checkpoint recorded in WORKDIR/best.json (export --step=best takes it).
 
 Every eval_steps: eval_images_per_prompt images for each of eval_prompts (default: the validation prompt) with
-fixed seeds; DINO and CLIP-I against the instance photos, CLIP-T against the prompts. One line per evaluation in
+fixed seeds; DINO and CLIP-I against the instance photos, CLIP-T against the prompts, and DIV (LPIPS between images
+of one prompt) when eval_lpips_model is set. One line per evaluation in
 WORKDIR/eval.jsonl; the checkpoint of that step is saved with the metrics, and Orbax keeps the best one by
 eval_metric besides the latest ones.
 """
@@ -32,6 +33,8 @@ def check_config(config):
   if config.eval_steps and not (config.eval_dino_model and config.eval_clip_model):
     raise ValueError("eval_steps is set: give eval_dino_model and eval_clip_model (transformers folders or hub ids, "
                      "e.g. facebook/dino-vits16 and openai/clip-vit-large-patch14)")
+  if config.eval_steps and config.get("eval_lpips_model") and config.get("eval_lpips_net") not in ("alex", "vgg"):
+    raise ValueError(f"eval_lpips_net={config.get('eval_lpips_net')!r}: expected 'alex' or 'vgg'")
 
 
 class Evaluator:
@@ -43,7 +46,9 @@ class Evaluator:
     self.config, self.workdir, self.primary = config, workdir, primary
     self.metric = config.eval_metric
     self.prompts = list(config.eval_prompts) or [config.validation_prompt or config.instance_prompt]
-    self.enc = evaluate.load_encoders(config.eval_dino_model, config.eval_clip_model)
+    self.enc = evaluate.load_encoders(config.eval_dino_model, config.eval_clip_model,
+                                      lpips_model=config.get("eval_lpips_model") or None,
+                                      lpips_net=config.get("eval_lpips_net", "alex"))
     self._embed = lambda model, items, spec: evaluate.embed_images(model, list(items), spec, batch_size=16)
     self.real_dino = self._embed(self.enc.dino, instance_paths, self.enc.dino_spec)
     self.real_clip = self._embed(self.enc.clip, instance_paths, self.enc.clip_spec)
@@ -52,6 +57,7 @@ class Evaluator:
     self.best = json.loads(best.read_text()) if best.is_file() else None  # survives a resume
 
   def __call__(self, view, step: int, mesh=None) -> dict:
+    from dreambooth_jax import evaluate  # noqa: PLC0415
     from dreambooth_jax.eval import metrics  # noqa: PLC0415
 
     n = self.config.eval_images_per_prompt
@@ -61,6 +67,9 @@ class Evaluator:
     of_image = np.repeat(np.arange(len(self.prompts)), n)
     values = {"dino": metrics.dino(dino, self.real_dino), "clip_i": metrics.clip_i(clip, self.real_clip),
               "clip_t": metrics.clip_t(self.text, clip, of_image)[0]}
+    if self.enc.lpips is not None and n >= 2:
+      values["div"] = evaluate.diversity(self.enc.lpips, list(images), self.prompts, of_image,
+                                         {p: {} for p in self.prompts})[0]
     record = {"step": step, **values, "images": len(images)}
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in values.items()})
     if self.best is None or values[self.metric] > self.best["value"]:

@@ -81,7 +81,8 @@ def state_to_torch_dict(state: nnx.State) -> dict[str, np.ndarray]:
           for path, var in nnx.to_flat_state(state)}
 
 
-def load_module(make: Callable[[], nnx.Module], state_dict: dict, *, where: str, param_dtype=jnp.float32):
+def load_module(make: Callable[[], nnx.Module], state_dict: dict, *, where: str, param_dtype=jnp.float32,
+                built_from: str = "its config.json"):
   """Builds `make()` abstractly (no random init) and fills it from a torch state dict, strictly."""
   abstract = nnx.eval_shape(make)
   graphdef, state = nnx.split(abstract)
@@ -90,7 +91,7 @@ def load_module(make: Callable[[], nnx.Module], state_dict: dict, *, where: str,
   missing = sorted(set(expected) - set(state_dict))
   unexpected = sorted(set(state_dict) - set(expected))
   if missing or unexpected:
-    raise CheckpointError(f"{where}: checkpoint does not match the model built from its config.json.\n"
+    raise CheckpointError(f"{where}: checkpoint does not match the model built from {built_from}.\n"
                           f"  missing keys ({len(missing)}): {missing[:20]}{' ...' if len(missing) > 20 else ''}\n"
                           f"  unexpected keys ({len(unexpected)}): {unexpected[:20]}"
                           f"{' ...' if len(unexpected) > 20 else ''}")

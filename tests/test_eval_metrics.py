@@ -54,8 +54,15 @@ def test_metric_input_errors():
     metrics.dino(np.zeros((0, 4)), [[1.0, 0, 0, 0]])
   with pytest.raises(ValueError, match="prompt indices"):
     metrics.clip_t([[1.0, 0.0]], [[1.0, 0.0]], [1])
-  with pytest.raises(NotImplementedError, match="LPIPS"):
-    metrics.div([[1.0]])
+  with pytest.raises(ValueError, match="at least one pair"):
+    metrics.div([0.3, 0.5], [1, 0])
+  with pytest.raises(ValueError, match="matching non-empty"):
+    metrics.div([0.3], [1, 2])
+
+
+def test_div_weighs_every_pair_the_same():
+  # prompt A: 3 pairs of mean 0.2; prompt B: 1 pair of 0.6 -> (3 * 0.2 + 0.6) / 4
+  assert metrics.div([0.2, 0.6], [3, 1]) == pytest.approx(0.3)
 
 
 # ----------------------------------------------------------------------------------------------- inputs
@@ -246,3 +253,34 @@ def test_cli_writes_json_and_reports_bad_input(models, data, tmp_path):
   out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
   assert out.returncode != 0
   assert "broken.jpg: cannot read image" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_div_with_lpips_weights(models, data, tmp_path):
+  """--lpips_model adds DIV (mean LPIPS over same-prompt pairs) to the report and the JSON; value as lpips'."""
+  import safetensors.torch
+
+  from lpips_reference import random_backbone_model
+  root, _, _ = models
+  data_root, prompts = data
+  reference = random_backbone_model("alex")
+  safetensors.torch.save_model(reference, str(tmp_path / "lpips_alex.safetensors"))
+  gen = tmp_path / "generated"
+  gen.mkdir()
+  rng = np.random.default_rng(3)
+  pixels = [rng.integers(0, 256, (64, 64, 3), np.uint8) for _ in range(4)]
+  for i, im in enumerate(pixels):
+    Image.fromarray(im).save(gen / f"{i}.png")
+  (gen / "index.json").write_text(json.dumps([{"file": f"{i}.png", "prompt": prompts[i // 2]} for i in range(4)]))
+  cmd = [sys.executable, "-m", "dreambooth_jax.evaluate", f"--generated={gen}", f"--real={data_root / 'real'}",
+         f"--dino_model={root / 'dino'}", f"--clip_model={root / 'clip'}", f"--out={tmp_path / 'metrics.json'}",
+         f"--lpips_model={tmp_path / 'lpips_alex.safetensors'}", "--lpips_net=alex"]
+  out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "DIV" in out.stdout and "(2 pairs of images of one prompt" in out.stdout
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  as_torch = lambda im: torch.from_numpy(im.astype(np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
+  with torch.no_grad():
+    expected = [float(reference(as_torch(pixels[i]), as_torch(pixels[i + 1]))) for i in (0, 2)]
+  assert written["counts"]["div_pairs"] == 2 and written["models"]["lpips_net"] == "alex"
+  assert [written["per_prompt"][p]["div"] for p in prompts] == pytest.approx(expected, rel=1e-4)
+  assert written["div"] == pytest.approx(np.mean(expected), rel=1e-4)

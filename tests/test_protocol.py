@@ -7,8 +7,10 @@ import shutil
 
 import numpy as np
 import pytest
+import safetensors.torch
 from PIL import Image
 
+from lpips_reference import random_backbone_model
 from test_eval_metrics import models  # noqa: F401 (tiny random DINO / CLIP folders)
 from test_train import fast_config
 from dreambooth_jax import protocol
@@ -82,8 +84,9 @@ def test_runner_end_to_end_and_resumable(tmp_path, models):  # noqa: F811
   dataset = make_dataset(tmp_path / "dataset")
   config = fast_config("max_train_steps=2", "checkpointing_steps=2", "validation_steps=0", "export_at_end=False",
                        "num_class_images=2")
+  safetensors.torch.save_model(random_backbone_model("alex"), str(tmp_path / "lpips_alex.safetensors"))
   kwargs = dict(dino_model=model_root / "dino", clip_model=model_root / "clip", images_per_prompt=2,
-                prompts_limit=2, sample_steps=2, batch_size=4)
+                prompts_limit=2, sample_steps=2, batch_size=4, lpips_model=tmp_path / "lpips_alex.safetensors")
   out = tmp_path / "out"
   table = protocol.run(config, dataset, out, **kwargs)
   ours, real = table["rows"]
@@ -97,8 +100,10 @@ def test_runner_end_to_end_and_resumable(tmp_path, models):  # noqa: F811
   blocks = json.loads((out / "blocks" / "metrics.json").read_text())
   assert sorted(blocks["per_prompt"]) == ["a sks toy in the jungle", "a sks toy in the snow"]  # object prompts
   np.testing.assert_allclose(ours["dino"], np.mean([dog["dino"], blocks["dino"]]), rtol=1e-9)
+  np.testing.assert_allclose(ours["div"], np.mean([dog["div"], blocks["div"]]), rtol=1e-9)
+  assert dog["counts"]["div_pairs"] == 2 and "div" not in real  # 2 prompts x 1 pair; no DIV for real photos
   md = (out / "table.md").read_text()
-  assert "| dreambooth_jax |" in md and "| Real Images |" in md and "N/A" in md
+  assert "| dreambooth_jax |" in md and "| Real Images |" in md and "N/A" in md and "| DIV |" in md
   assert len(list((out / "class_images" / "dog").glob("class_*.png"))) == 2  # prior preservation ran per class
 
   # Resume: a finished subject is kept; a half-done one regenerates only what is missing, identically.

@@ -1,1 +1,1 @@
-"""DreamBooth's evaluation metrics (DINO, CLIP-I, CLIP-T, PRES; DIV not yet) with our own Flax encoders."""
+"""DreamBooth's evaluation metrics (DINO, CLIP-I, CLIP-T, PRES, DIV) with our own Flax encoders."""

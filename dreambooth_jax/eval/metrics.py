@@ -5,7 +5,8 @@
   CLIP-T  mean cosine similarity between a prompt's CLIP text embedding and the CLIP embeddings of its images.
   PRES    prior preservation: DINO between the real subject images and images generated for the bare class
           prompt ("a dog"); lower is better (the class prior has not collapsed onto the subject).
-  DIV     mean pairwise LPIPS distance between images of the same prompt: not available (needs LPIPS weights).
+  DIV     diversity: mean LPIPS distance over pairs of images of the same prompt (eval/lpips.py computes LPIPS);
+          higher is more diverse (the model has not collapsed onto the training photos' poses and backgrounds).
 """
 
 import numpy as np
@@ -75,7 +76,12 @@ def clip_t(text_PD, image_ND, prompt_of_image_N) -> tuple[float, np.ndarray]:
   return float(cos_N.mean()), per_prompt_P
 
 
-def div(*_args, **_kwargs):
-  raise NotImplementedError(
-      "DIV (mean pairwise LPIPS distance between images of one prompt) needs LPIPS weights (a VGG/AlexNet backbone "
-      "plus the LPIPS linear layers) and is not available yet in dreambooth_jax.")
+def div(per_prompt_means, per_prompt_pairs) -> float:
+  """Mean LPIPS over all same-prompt pairs, from each prompt's mean and pair count (every pair weighs the same)."""
+  means, pairs = np.asarray(per_prompt_means, np.float64), np.asarray(per_prompt_pairs, np.float64)
+  if means.shape != pairs.shape or means.ndim != 1 or means.size == 0:
+    raise ValueError(f"DIV: expected matching non-empty per-prompt means and pair counts, got {means.shape} and "
+                     f"{pairs.shape}")
+  if np.any(pairs < 1) or not np.all(np.isfinite(means)):
+    raise ValueError("DIV: every prompt needs at least one pair and a finite mean distance")
+  return float(np.sum(means * pairs) / np.sum(pairs))
