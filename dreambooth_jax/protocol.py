@@ -7,7 +7,9 @@ For every subject folder of the dataset (its class from prompts_and_classes.txt)
 given config (prior preservation on "a <class>", class images shared per class), or take an existing workdir;
 generate images_per_prompt images for each of the 25 prompts (object or live-subject list); evaluate DINO, CLIP-I,
 CLIP-T; then write OUT/table.md and OUT/table.json laid out like Table 1, with the "real images" row (DINO and
-CLIP-I between distinct real photos of each subject). Resumable: a subject with OUT/<subject>/metrics.json is not
+CLIP-I between distinct real photos of each subject). Table 3's columns too when asked: PRES (--pres_images=N images
+of the bare class prompt "a <class>" from each fine-tuned model, DINO against the real photos) and DIV
+(--lpips_model); run it once with and once without prior preservation (--method names the row). Resumable: a subject with OUT/<subject>/metrics.json is not
 redone, an interrupted training resumes from its checkpoint, and generated images already on disk are kept.
 """
 
@@ -99,23 +101,25 @@ def subject_config(base, dataset: pathlib.Path, subject: str, subject_class: str
   return config
 
 
+OPTIONAL_COLUMNS = {"pres": "PRES", "div": "DIV"}  # Table 3's, shown when measured
+
+
 def table_markdown(rows: list[dict]) -> str:
-  """Table 1's columns, and DIV (Table 3) when it was measured."""
-  with_div = any("div" in r for r in rows)
-  lines = ["| Method | DINO | CLIP-I | CLIP-T |" + (" DIV |" if with_div else "") + " subjects | images |",
-           "|---|---|---|---|" + ("---|" if with_div else "") + "---|---|"]
+  """Table 1's columns, and PRES / DIV (Table 3) when they were measured."""
+  extra = [key for key in OPTIONAL_COLUMNS if any(key in r for r in rows)]
+  lines = ["| Method | DINO | CLIP-I | CLIP-T |" + "".join(f" {OPTIONAL_COLUMNS[k]} |" for k in extra)
+           + " subjects | images |", "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
   fmt = lambda v: "N/A" if v is None else f"{v:.3f}"
   for r in rows:
-    div = f" {fmt(r.get('div'))} |" if with_div else ""
-    lines.append(f"| {r['method']} | {fmt(r['dino'])} | {fmt(r['clip_i'])} | {fmt(r.get('clip_t'))} |{div} "
-                 f"{r['subjects']} | {r['images']} |")
+    lines.append(f"| {r['method']} | {fmt(r['dino'])} | {fmt(r['clip_i'])} | {fmt(r.get('clip_t'))} |"
+                 + "".join(f" {fmt(r.get(k))} |" for k in extra) + f" {r['subjects']} | {r['images']} |")
   return "\n".join(lines) + "\n"
 
 
 def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks", subjects=None,
         images_per_prompt: int = 4, prompts_limit: int = 0, workdirs: dict | None = None, method: str = "dreambooth_jax",
         sample_steps: int = 50, guidance: float = 7.5, batch_size: int = 8, lpips_model=None,
-        lpips_net: str = "alex") -> dict:
+        lpips_net: str = "alex", pres_images: int = 0) -> dict:
   from dreambooth_jax import checkpoint, evaluate, export, sampling, train  # noqa: PLC0415
 
   dataset, out = pathlib.Path(dataset), pathlib.Path(out)
@@ -149,7 +153,12 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
                                         width=config.resolution)
     generated = generate_prompts(view, prompts, sub_out / "generated", images_per_prompt=images_per_prompt,
                                  seed=config.seed, settings=settings, batch_size=batch_size)
-    metrics = evaluate.evaluate(generated, dataset / subject, encoders=encoders)
+    class_generated = None
+    if pres_images:  # PRES: the fine-tuned model prompted with the bare class ("a dog")
+      class_generated = generate_prompts(view, [config.class_prompt], sub_out / "class_generated",
+                                         images_per_prompt=pres_images, seed=config.seed + 1, settings=settings,
+                                         batch_size=batch_size)
+    metrics = evaluate.evaluate(generated, dataset / subject, encoders=encoders, class_generated=class_generated)
     metrics.update(subject=subject, subject_class=classes[subject], workdir=str(workdir), step=step)
     done.write_text(json.dumps(metrics, indent=2))
     results[subject] = metrics
@@ -160,15 +169,16 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
            "images": sum(r["counts"]["generated_images"] for r in results.values())},
           {"method": "Real Images", "dino": mean("dino", real.values()), "clip_i": mean("clip_i", real.values()),
            "clip_t": None, "subjects": len(real), "images": sum(r["counts"]["real_images"] for r in real.values())}]
-  if encoders.lpips is not None:
-    missing_div = [s for s, r in results.items() if "div" not in r]
-    if missing_div:  # evaluated before --lpips_model was given
-      raise ProtocolError(f"subjects {missing_div} were evaluated without LPIPS: delete their metrics.json under "
-                          f"{out} to re-evaluate them (training and images are kept)")
-    rows[0]["div"] = mean("div", results.values())
+  for key, asked in (("div", encoders.lpips is not None), ("pres", pres_images > 0)):
+    if asked:
+      missing = [s for s, r in results.items() if key not in r]
+      if missing:  # evaluated before the option was given
+        raise ProtocolError(f"subjects {missing} were evaluated without {OPTIONAL_COLUMNS[key]}: delete their "
+                            f"metrics.json under {out} to re-evaluate them (training and images are kept)")
+      rows[0][key] = mean(key, results.values())
   table = {"rows": rows, "per_subject": results, "real_per_subject": real, "models": encoders.names,
            "protocol": {"token": token, "images_per_prompt": images_per_prompt, "sample_steps": sample_steps,
-                        "guidance": guidance, "prompts_limit": prompts_limit}}
+                        "guidance": guidance, "prompts_limit": prompts_limit, "pres_images": pres_images}}
   out.mkdir(parents=True, exist_ok=True)
   (out / "table.json").write_text(json.dumps(table, indent=2))
   (out / "table.md").write_text("# DreamBooth protocol (Table 1 layout)\n\n" + table_markdown(rows))
@@ -182,7 +192,7 @@ def main(argv):
   table = run(f.config, f.dataset, f.out, dino_model=f.dino_model, clip_model=f.clip_model, token=f.token,
               subjects=f.subjects, images_per_prompt=f.images_per_prompt, prompts_limit=f.prompts_limit,
               workdirs=workdirs, sample_steps=f.sample_steps, guidance=f.guidance, batch_size=f.batch_size,
-              lpips_model=f.lpips_model, lpips_net=f.lpips_net)
+              lpips_model=f.lpips_model, lpips_net=f.lpips_net, pres_images=f.pres_images, method=f.method)
   print(table_markdown(table["rows"]))
 
 
@@ -196,6 +206,8 @@ def define_flags():
   flags.DEFINE_string("clip_model", "openai/clip-vit-large-patch14", "CLIPModel: transformers folder or hub id.")
   flags.DEFINE_string("lpips_model", None, "LPIPS backbone weights (see dreambooth_jax.evaluate): adds a DIV column.")
   flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.")
+  flags.DEFINE_integer("pres_images", 0, "Images of the bare class prompt per subject for PRES (0 = no PRES column).")
+  flags.DEFINE_string("method", "dreambooth_jax", "The row's name in the table (e.g. 'w/ PPL', 'w/o PPL').")
   flags.DEFINE_string("token", "sks", "The rare identifier [V].")
   flags.DEFINE_list("subjects", None, "Subjects to run (default: every subject folder).")
   flags.DEFINE_list("workdirs", None, "subject:workdir pairs to evaluate instead of training.")

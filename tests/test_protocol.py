@@ -86,11 +86,12 @@ def test_runner_end_to_end_and_resumable(tmp_path, models):  # noqa: F811
                        "num_class_images=2")
   safetensors.torch.save_model(random_backbone_model("alex"), str(tmp_path / "lpips_alex.safetensors"))
   kwargs = dict(dino_model=model_root / "dino", clip_model=model_root / "clip", images_per_prompt=2,
-                prompts_limit=2, sample_steps=2, batch_size=4, lpips_model=tmp_path / "lpips_alex.safetensors")
+                prompts_limit=2, sample_steps=2, batch_size=4, lpips_model=tmp_path / "lpips_alex.safetensors",
+                pres_images=2, method="w/ PPL")
   out = tmp_path / "out"
   table = protocol.run(config, dataset, out, **kwargs)
   ours, real = table["rows"]
-  assert ours["method"] == "dreambooth_jax" and real["method"] == "Real Images" and real["clip_t"] is None
+  assert ours["method"] == "w/ PPL" and real["method"] == "Real Images" and real["clip_t"] is None
   assert ours["subjects"] == 2 and ours["images"] == 2 * 2 * 2 and real["images"] == 6
   for row in table["rows"]:
     for key in ("dino", "clip_i"):
@@ -101,9 +102,12 @@ def test_runner_end_to_end_and_resumable(tmp_path, models):  # noqa: F811
   assert sorted(blocks["per_prompt"]) == ["a sks toy in the jungle", "a sks toy in the snow"]  # object prompts
   np.testing.assert_allclose(ours["dino"], np.mean([dog["dino"], blocks["dino"]]), rtol=1e-9)
   np.testing.assert_allclose(ours["div"], np.mean([dog["div"], blocks["div"]]), rtol=1e-9)
+  np.testing.assert_allclose(ours["pres"], np.mean([dog["pres"], blocks["pres"]]), rtol=1e-9)
+  assert dog["counts"]["class_generated_images"] == 2 and "pres" not in real
+  assert json.loads((out / "dog" / "class_generated" / "index.json").read_text())["images"][0]["prompt"] == "a dog"
   assert dog["counts"]["div_pairs"] == 2 and "div" not in real  # 2 prompts x 1 pair; no DIV for real photos
   md = (out / "table.md").read_text()
-  assert "| dreambooth_jax |" in md and "| Real Images |" in md and "N/A" in md and "| DIV |" in md
+  assert "| w/ PPL |" in md and "| Real Images |" in md and "N/A" in md and "| PRES | DIV |" in md
   assert len(list((out / "class_images" / "dog").glob("class_*.png"))) == 2  # prior preservation ran per class
 
   # Resume: a finished subject is kept; a half-done one regenerates only what is missing, identically.
