@@ -10,7 +10,6 @@ the tiny model 2 steps each way and measures the checkpoint folders on disk.
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 
 from flax import nnx
@@ -36,12 +35,10 @@ def du(path: pathlib.Path) -> int:
 
 
 def tiny_runs() -> dict:
-  sys.path.insert(0, str(ROOT / "configs"))
-  import tiny  # noqa: PLC0415
-  from dreambooth_jax import train  # noqa: PLC0415
+  from dreambooth_jax import config_files, train  # noqa: PLC0415
   out = {}
   for name in ("full", "lora"):
-    config = tiny.get_config("lora" if name == "lora" else None)
+    config = config_files.load(ROOT / "configs" / "tiny.py", "lora" if name == "lora" else None)
     config.max_train_steps, config.checkpointing_steps, config.validation_steps = 2, 2, 0
     config.with_prior_preservation, config.export_at_end = False, False
     workdir = pathlib.Path(tempfile.mkdtemp()) / name

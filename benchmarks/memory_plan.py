@@ -10,7 +10,6 @@ compilers schedule differently). Prints a Markdown table and a JSON line.
 import argparse
 import json
 import pathlib
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -24,9 +23,8 @@ VARIANTS = {
 
 
 def config_for(model: str, resolution: int, batch: int, overrides: dict):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import common  # noqa: PLC0415
-  c = common.get_config()
+  from dreambooth_jax import config_files  # noqa: PLC0415
+  c = config_files.load(ROOT / "configs" / "common.py")
   c.pretrained_model_name_or_path = str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / model)
   c.random_init = True
   c.resolution, c.train_batch_size = resolution, batch

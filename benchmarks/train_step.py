@@ -27,9 +27,8 @@ MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-c
 
 
 def make_config(args):
-  sys.path.insert(0, str(ROOT / "configs"))
-  import tiny  # noqa: PLC0415
-  c = tiny.get_config()
+  from dreambooth_jax import config_files  # noqa: PLC0415
+  c = config_files.load(ROOT / "configs" / "tiny.py")
   c.pretrained_model_name_or_path = MODELS[args.model]
   c.random_init = True
   c.resolution, c.train_batch_size = args.resolution, args.batch

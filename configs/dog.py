@@ -5,21 +5,13 @@
   python -m dreambooth_jax.train --config=configs/dog.py:lora   # LoRA rank 16 (as diffusers' LoRA example, lr 1e-4)
 """
 
-import importlib.util
-import pathlib
-
-
-def _common():
-  spec = importlib.util.spec_from_file_location("common", pathlib.Path(__file__).with_name("common.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dreambooth_jax.config_files import load_sibling
 
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "lora"):
     raise ValueError(f"configs/dog.py:{arg}: the only variant is 'lora'")
-  c = _common()
+  c = load_sibling(__file__, "common.py")
   c.pretrained_model_name_or_path = "stable-diffusion-v1-5/stable-diffusion-v1-5"
   c.instance_prompt = "a photo of sks dog"
   c.class_prompt = "a photo of dog"

@@ -4,20 +4,12 @@ the model's scheduler config).
   python -m dreambooth_jax.train --config=configs/dog_sd21.py
 """
 
-import importlib.util
-import pathlib
-
-
-def _common():
-  spec = importlib.util.spec_from_file_location("common", pathlib.Path(__file__).with_name("common.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dreambooth_jax.config_files import load_sibling
 
 
 def get_config(arg: str | None = None):
   del arg
-  c = _common()
+  c = load_sibling(__file__, "common.py")
   c.pretrained_model_name_or_path = "stabilityai/stable-diffusion-2-1"
   c.variant = "fp16"
   c.resolution = 768

@@ -6,21 +6,13 @@ minutes on 2 CPU cores and shows the loss fall; the images are not meaningful.
   python -m dreambooth_jax.train --config=configs/tiny.py:lora    # LoRA on the UNet attention instead
 """
 
-import importlib.util
-import pathlib
-
-
-def _common():
-  spec = importlib.util.spec_from_file_location("common", pathlib.Path(__file__).with_name("common.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+from dreambooth_jax.config_files import load_sibling
 
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "lora"):
     raise ValueError(f"configs/tiny.py:{arg}: the only variant is 'lora'")
-  c = _common()
+  c = load_sibling(__file__, "common.py")
   c.pretrained_model_name_or_path = "tiny"  # the bundled configs, see dreambooth_jax/assets/tiny-sd
   c.random_init = True
   c.mixed_precision = "no"  # CPUs compute bf16 slowly

@@ -21,11 +21,8 @@ FAST = ["resolution=32", "num_class_images=4", "sample_batch_size=4", "class_gen
 
 
 def fast_config(*overrides):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("tiny", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  from dreambooth_jax import config_files
+  config = config_files.load(TINY)
   for item in (*FAST, *overrides):
     key, value = item.split("=", 1)
     current = config[key]
