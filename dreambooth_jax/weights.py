@@ -118,18 +118,21 @@ def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
     if not (path / "model_index.json").is_file():
       raise CheckpointError(f"{path}: not a diffusers model folder (no model_index.json)")
     return path
-  name = str(name_or_path)
+  return fetch_from_hub(name_or_path, "", ["*.json", "*.txt", "*.safetensors", "tokenizer/*"])
+
+
+def fetch_from_hub(name_or_path, what: str, allow_patterns: list[str]) -> pathlib.Path:
+  """A hub id ('owner/name') downloaded with huggingface_hub (needs a network); `what` prefixes the errors."""
+  name, prefix = str(name_or_path), f"{what} " if what else ""
   if name.startswith((".", "/", "~")) or name.count("/") != 1:
-    raise CheckpointError(f"{name}: no such folder, and not a hub id of the form 'owner/name'")
+    raise CheckpointError(f"{prefix}{name}: no such folder, and not a hub id of the form 'owner/name'")
   try:
     from huggingface_hub import snapshot_download
-    return pathlib.Path(snapshot_download(
-        name, allow_patterns=["*.json", "*.txt", "*.safetensors", "tokenizer/*"]))
+    return pathlib.Path(snapshot_download(name, allow_patterns=allow_patterns))
   except Exception as e:  # offline, unknown repo, gated repo ...
     raise CheckpointError(
-        f"{name}: could not fetch from the Hugging Face hub ({type(e).__name__}: {e}). Without a network, "
-        "download the model elsewhere (`huggingface-cli download {name}`) and pass the local folder path instead."
-    ) from None
+        f"{prefix}{name}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). Without a network, "
+        f"download it elsewhere (`huggingface-cli download {name}`) and pass the local folder instead.") from None
 
 
 def read_json(path: pathlib.Path) -> dict:

@@ -125,5 +125,25 @@ def test_unsupported_config_value_fails_at_load(tiny_sd1_dir, tmp_path):
 
 def test_offline_hub_id_says_how_to_pass_a_local_path(monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-  with pytest.raises(CheckpointError, match="pass the local folder path"):
+  with pytest.raises(CheckpointError, match="huggingface-cli download someone.*pass the local folder"):
     weights.resolve_model_dir("someone/some-model-that-is-not-cached")
+
+
+def test_hub_ids_offline_and_bad_names(monkeypatch, tmp_path):
+  """A hub id that cannot be fetched says how to pass a local folder; a path-like name that does not exist is not
+  sent to the hub. The same rule serves the diffusers models and the metric encoders."""
+  import huggingface_hub
+
+  from dreambooth_jax.eval import encoders
+
+  def offline(*_args, **_kwargs):
+    raise ConnectionError("no network")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  with pytest.raises(CheckpointError, match=r"^owner/sd: could not fetch.*huggingface-cli download owner/sd"):
+    weights.resolve_model_dir("owner/sd")
+  with pytest.raises(CheckpointError, match=r"^DINO model facebook/dino-vits16: could not fetch.*"
+                                            r"huggingface-cli download facebook/dino-vits16"):
+    encoders.resolve_folder("facebook/dino-vits16", "DINO model")
+  with pytest.raises(CheckpointError, match="no such folder, and not a hub id"):
+    weights.resolve_model_dir(str(tmp_path / "missing"))

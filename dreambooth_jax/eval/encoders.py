@@ -17,7 +17,7 @@ from dreambooth_jax import safetensors_io
 from dreambooth_jax.models.clip_text import CLIPEncoder, CLIPTextConfig, CLIPTextModel
 from dreambooth_jax.models.layers import Layers, activation, attention
 from dreambooth_jax.safetensors_io import CheckpointError
-from dreambooth_jax.weights import load_module
+from dreambooth_jax.weights import fetch_from_hub, load_module
 
 
 def config_fields(cls, config: dict) -> dict:
@@ -270,16 +270,7 @@ def resolve_folder(name_or_path, what: str) -> pathlib.Path:
     if not path.is_dir():
       raise CheckpointError(f"{what} {path}: not a folder (expected config.json + model.safetensors)")
     return path
-  name = str(name_or_path)
-  if name.startswith((".", "/", "~")) or name.count("/") != 1:
-    raise CheckpointError(f"{what} {name}: no such folder, and not a hub id of the form 'owner/name'")
-  try:
-    from huggingface_hub import snapshot_download  # noqa: PLC0415
-    return pathlib.Path(snapshot_download(name, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
-  except Exception as e:  # offline, unknown or gated repo
-    raise CheckpointError(
-        f"{what} {name}: could not fetch it from the Hugging Face hub ({type(e).__name__}: {e}). Without a network, "
-        f"download it elsewhere (`huggingface-cli download {name}`) and pass the local folder instead.") from None
+  return fetch_from_hub(name_or_path, what, ["*.json", "*.txt", "*.safetensors"])
 
 
 def read_config(folder: pathlib.Path) -> dict:
