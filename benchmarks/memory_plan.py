@@ -17,6 +17,8 @@ VARIANTS = {
     "remat": {"remat": "full"},
     "remat+bf16moments": {"remat": "full", "optimizer_moments_bf16": True},
     "remat+bf16moments+bf16params": {"remat": "full", "optimizer_moments_bf16": True, "param_dtype": "bfloat16"},
+    "chunked": {"attention": "chunked"},
+    "remat+chunked+bf16moments": {"remat": "full", "attention": "chunked", "optimizer_moments_bf16": True},
     "lora16": {"lora.enabled": True, "lora.rank": 16},
     "lora16+remat": {"lora.enabled": True, "lora.rank": 16, "remat": "full"},
 }

@@ -49,6 +49,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.param_dtype = "float32"  # master params (and so gradients and Adam moments): "float32" | "bfloat16"
   c.mixed_precision = "bf16"  # "no" (fp32) | "bf16" (bf16 compute, fp32 master params)
   c.remat = "none"  # none | full | dots | attention: recompute UNet blocks on the backward pass (memory for compute)
+  # auto: cuDNN flash attention on GPUs (bf16/fp16), else XLA | xla | cudnn | chunked: exact attention over
+  # 1024-query chunks, recomputed on the backward pass (no full score matrix: the memory lever on TPU and CPU)
+  c.attention = "auto"
   c.snr_gamma = 0.0  # 0 = off; 5.0 is the usual min-SNR value
   c.offset_noise = 0.0  # 0 = off; 0.1 as diffusers' --offset_noise
   c.seed = 0

@@ -25,7 +25,8 @@ KNOWN_HUB_CONFIGS = {  # hub id -> bundled configs with the same shapes
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
     "CompVis/stable-diffusion-v1-4": "sd15", "stabilityai/stable-diffusion-2-1": "sd21",
     "stabilityai/stable-diffusion-2-1-base": "sd21"}
-LEVERS = ("remat='full' (or 'attention'/'dots')", "param_dtype='bfloat16'", "optimizer_moments_bf16=True",
+LEVERS = ("remat='full' (or 'attention'/'dots')", "attention='chunked' (where no flash kernel applies, e.g. TPU)",
+          "param_dtype='bfloat16'", "optimizer_moments_bf16=True",
           "mesh_fsdp=<devices> (shard params and optimizer state)", "a smaller train_batch_size with "
           "gradient_accumulation_steps", "cache_latents=True (no VAE encoder in the step)", "lora.enabled=True")
 

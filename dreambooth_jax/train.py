@@ -41,6 +41,10 @@ def param_dtype(config):
   return jnp.dtype(name)
 
 
+def unet_kwargs(config) -> dict:
+  return {"remat": config.remat, "attention_impl": config.get("attention", "auto")}
+
+
 def load_model(config):
   path = config.pretrained_model_name_or_path
   if config.random_init and path == "tiny":
@@ -48,7 +52,7 @@ def load_model(config):
   return weights.load_or_init_pipeline(
       path, random_init=config.random_init, seed=config.seed, dtype=compute_dtype(config),
       param_dtype=param_dtype(config),
-      variant=config.variant or None, unet_kwargs={"remat": config.remat},
+      variant=config.variant or None, unet_kwargs=unet_kwargs(config),
       single_file_config=config.get("single_file_config", "auto"))
 
 
@@ -199,7 +203,7 @@ def dry_run(config, mesh=None) -> CompiledStep:
   """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
   mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
   sd = plan_lib.abstract_model(config, dtype=compute_dtype(config), param_dtype=param_dtype(config),
-                               unet_kwargs={"remat": config.remat})
+                               unet_kwargs=unet_kwargs(config))
   step = compile_step(config, sd, *trainable_state(sd, config), mesh)
   print(step.memory.table())
   if jax.default_backend() == "cpu":

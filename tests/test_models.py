@@ -93,3 +93,84 @@ def test_bf16_compute_with_fp32_params(tiny_sd1_dir):
   assert out.dtype == jnp.bfloat16
   # bf16 has 8 bits of mantissa: a loose bound that still catches a wrong layer.
   assert_close(np.asarray(out, np.float32), np.asarray(run(ref.unet)), tol=0.1)
+
+
+# ----------------------------------------------------------------------------------------------- attention
+
+def random_qkv(t, s, seed=0, dtype=np.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((2, t, 2, 8)).astype(dtype)
+  k, v = (rng.standard_normal((2, s, 2, 8)).astype(dtype) for _ in range(2))
+  return q, k, v
+
+
+@pytest.mark.parametrize("s", [77, 1100])  # cross-attention to text; self-attention
+def test_chunked_attention_equals_xla_forward_and_backward(s):
+  from dreambooth_jax.models import layers
+  q, k, v = random_qkv(1100, s)  # 1100 queries: a chunk of 1024 and a padded one
+  w = np.random.default_rng(1).standard_normal((2, 1100, 2, 8)).astype(np.float32)
+  loss = lambda impl: lambda q, k, v: jnp.sum(layers.attention(q, k, v, implementation=impl) * w)
+  out_xla, out_chunked = (layers.attention(q, k, v, implementation=impl) for impl in ("xla", "chunked"))
+  assert_close(out_chunked, out_xla, tol=1e-5)  # fp32, same math in another order: errors seen ~1e-7
+  grads_xla = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
+  grads_chunked = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
+  for got, expected in zip(grads_chunked, grads_xla):
+    assert_close(got, expected, tol=1e-5)
+
+
+def test_chunked_attention_holds_no_full_score_matrix():
+  """What the option is for: the compiled backward pass's temporaries shrink (XLA's memory analysis; 4096 tokens
+  as SD at 512 px: the full fp32 score matrix is 2 x 4096 x 4096 x 4 B = 128 MiB, a chunk's a quarter of it)."""
+  from dreambooth_jax.models import layers
+  q = jax.ShapeDtypeStruct((1, 4096, 2, 8), jnp.float32)
+  temp = {}
+  for impl in ("xla", "chunked"):
+    grad = jax.grad(lambda q, k, v: jnp.sum(layers.attention(q, k, v, implementation=impl)), argnums=(0, 1, 2))
+    temp[impl] = jax.jit(grad).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+  assert temp["xla"] >= 128 * 2**20
+  assert temp["chunked"] <= temp["xla"] / 2, temp
+
+
+def test_auto_attention_uses_cudnn_on_gpu_for_half_precision(monkeypatch):
+  """No GPU here: the choice is checked with the backend query and the kernel call stubbed."""
+  from dreambooth_jax.models import layers
+  calls, real = [], jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kwargs):
+    calls.append(implementation)
+    if implementation == "cudnn" and fail_cudnn:
+      raise ValueError("head size not supported by the flash kernel")
+    return real(*args, implementation=None, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  fail_cudnn = False
+  q, k, v = random_qkv(16, 16)
+  layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  layers.attention(q, k, v)  # fp32: the flash kernel takes fp16/bf16 only
+  fail_cudnn = True
+  layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert calls == ["cudnn", None, "cudnn", None]
+  monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+  calls.clear()
+  layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
+  assert calls == [None]
+  with pytest.raises(ValueError, match="attention='flash'"):
+    layers.attention(q, k, v, implementation="flash")
+
+
+def test_unet_with_chunked_attention_matches_diffusers(tiny_sd1_dir, monkeypatch):
+  from diffusers import UNet2DConditionModel
+  from dreambooth_jax.models import layers
+  monkeypatch.setattr(layers, "QUERY_CHUNK", 24)  # the tiny model's 8 x 8 = 64 tokens: 3 chunks, one padded
+  ours = weights.load_pipeline(tiny_sd1_dir, unet_kwargs={"attention_impl": "chunked"}).unet
+  ref = UNet2DConditionModel.from_pretrained(tiny_sd1_dir, subfolder="unet")
+  rng = np.random.default_rng(3)
+  x_BHWC = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+  context = rng.standard_normal((2, 77, 32)).astype(np.float32)
+  t = np.array([10, 999], np.int32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(nchw(x_BHWC)), torch.from_numpy(t), torch.from_numpy(context)).sample
+  assert_close(nchw(ours(x_BHWC, t, context)), to_numpy(expected))
+  with pytest.raises(ValueError, match="attention='flash'"):
+    weights.load_pipeline(tiny_sd1_dir, unet_kwargs={"attention_impl": "flash"})

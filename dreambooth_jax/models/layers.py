@@ -68,18 +68,53 @@ def require(config: dict, key: str, allowed, where: str):
   return value
 
 
-def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, implementation: str | None = None):
-  """Scaled dot-product attention. Logits and softmax run in fp32 whatever the inputs (= diffusers'
-  upcast_attention/upcast_softmax); on GPU the cuDNN flash kernel is used where it applies."""
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
+QUERY_CHUNK = 1024  # "chunked": 1024 queries x 4096 keys (512 px) per score block
+
+
+def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, implementation: str | None = "auto"):
+  """Scaled dot-product attention; logits and softmax in fp32 whatever the inputs (= diffusers'
+  upcast_attention/upcast_softmax).
+
+  implementation: "xla" (the plain einsum-softmax-einsum), "cudnn" (cuDNN flash attention: GPU, fp16/bf16),
+  "chunked" (exact attention over query chunks, each rematerialised on the backward pass, so no T x S score
+  matrix lives in memory: the memory lever where no flash kernel exists, e.g. TPU), or "auto": cuDNN on a GPU
+  when the inputs qualify, else XLA. (jax.nn.dot_product_attention's own default is XLA on every backend.)
+  """
+  implementation = implementation or "auto"
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention={implementation!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}")
+  if implementation == "chunked" and mask is None and not is_causal and q_BTNH.shape[1] > QUERY_CHUNK:
+    return chunked_attention(q_BTNH, k_BSNH, v_BSNH, QUERY_CHUNK)
+  if implementation == "auto":
+    if jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
+      try:
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
+                                            implementation="cudnn")
+      except (ValueError, NotImplementedError, RuntimeError):
+        pass  # shape, head size or cuDNN version the flash kernel does not take: XLA below
+    implementation = "xla"
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
-                                      implementation=implementation)
+                                      implementation=None if implementation in ("xla", "chunked") else implementation)
+
+
+def chunked_attention(q_BTNH, k_BSNH, v_BSNH, chunk: int):
+  """Exact attention, `chunk` queries at a time (a lax.map); each chunk is recomputed on the backward pass, so
+  the largest live score block is B x N x chunk x S instead of B x N x T x S."""
+  B, T, N, H = q_BTNH.shape
+  n = -(-T // chunk)
+  q_BPNH = jnp.pad(q_BTNH, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))  # padded queries are sliced off
+  q_nBCNH = q_BPNH.reshape(B, n, chunk, N, H).swapaxes(0, 1)
+  one_chunk = jax.checkpoint(lambda q_BCNH: jax.nn.dot_product_attention(q_BCNH, k_BSNH, v_BSNH))
+  out_nBCNH = jax.lax.map(one_chunk, q_nBCNH)
+  return out_nBCNH.swapaxes(0, 1).reshape(B, n * chunk, N, H)[:, :T]
 
 
 class Attention(nnx.Module):
   """diffusers' `Attention` (to_q/to_k/to_v/to_out.0), self- or cross-attention over tokens."""
 
   def __init__(self, query_dim: int, heads: int, head_dim: int, layers: Layers, *, context_dim: int | None = None,
-               qkv_bias: bool = False, implementation: str | None = None):
+               qkv_bias: bool = False, implementation: str | None = "auto"):
     inner = heads * head_dim
     context_dim = context_dim or query_dim
     self.heads, self.head_dim, self.implementation = heads, head_dim, implementation

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreambooth_jax.models.layers import Layers, require
+from dreambooth_jax.models.layers import Layers, attention, require
 from dreambooth_jax.models.unet import Downsample2D, ResnetBlock2D, UNetBlock, Upsample2D
 
 VAE_EPS = 1e-6  # diffusers hard-codes the VAE's norm eps (resnets, attention, conv_norm_out)
@@ -58,7 +58,7 @@ class VAEAttention(nnx.Module):
   def __call__(self, x_BHWC):
     b, h, w, c = x_BHWC.shape
     tokens = self.group_norm(x_BHWC).reshape(b, h * w, 1, c)
-    out = jax.nn.dot_product_attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
+    out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens))
     return self.to_out[0](out.reshape(b, h, w, c)) + x_BHWC
 
 
