@@ -5,13 +5,19 @@ compiled train step (no weights needed: the model is abstract).
 
 The numbers are per device for the backend it runs on (compile on the GPU for GPU figures: XLA's CPU and GPU
 compilers schedule differently). Prints a Markdown table and a JSON line.
+
+Target (issue #6): SD 1.5 full-UNet fine-tune at 512 px, batch 1 + 1, peak <= 16 GiB on one GPU with some set of
+levers; on a GPU each row says whether its peak estimate meets it.
 """
 
 import argparse
 import json
 import pathlib
 
+import jax
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TARGET_PEAK_GIB = 16.0
 VARIANTS = {
     "baseline": {},
     "remat": {"remat": "full"},
@@ -55,6 +61,8 @@ def main():
     rows.append({"variant": name, "params_gib": m.params / 2**30, "optimizer_gib": m.optimizer / 2**30,
                  "frozen_gib": m.frozen / 2**30, "temporaries_gib": m.temporaries / 2**30,
                  "peak_gib": m.peak / 2**30, "compile_s": step.compile_seconds})
+    if jax.default_backend() == "gpu" and args.model == "sd15" and args.resolution == 512 and args.batch == 1:
+      rows[-1]["meets_16gib_target"] = rows[-1]["peak_gib"] <= TARGET_PEAK_GIB
   print("| variant | params | optimizer | frozen | temporaries | peak estimate | compile |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:

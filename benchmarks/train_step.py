@@ -8,6 +8,10 @@ the same device and model config, in one run; optional scaling over 1/2/4/8 (fak
 Reports compile time, step time, images/s, achieved TFLOP/s and MFU (XLA's cost analysis of the compiled step /
 step time / --peak_tflops), peak device memory where the device reports it, and torch's images/s and the ratio.
 Weights are random (speed does not depend on their values); shapes come from the bundled configs.
+
+Targets (issue #4, one H100, SD 1.5 at 512 px, bf16): >= 2x the diffusers-torch step; a 1000-step DreamBooth run
+at batch 1 + 1 in <= 60 s after compile (step <= 60 ms); >= 150 images/s at large batch (>= 32 images per step).
+On a GPU with --model=sd15 --resolution=512 the result carries a "targets" entry saying which apply and are met.
 """
 
 import argparse
@@ -26,6 +30,27 @@ MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-c
           "sd21": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd21")}
 
 
+TARGETS = {  # name: (applies(args, result), value(result), bound, "min" | "max")
+    "speedup_vs_torch": (lambda a, r: "torch" in r, lambda r: r["speedup_vs_torch"], 2.0, "min"),
+    "step_ms_batch_1_plus_1": (lambda a, r: a.batch == 1 and a.prior, lambda r: 1e3 * r["ours"]["step_time_s"],
+                               60.0, "max"),
+    "images_per_s_large_batch": (lambda a, r: r["ours"]["global_batch"] >= 32, lambda r: r["ours"]["images_per_s"],
+                                 150.0, "min"),
+}
+
+
+def check_targets(args, result) -> dict:
+  """The targets that apply to this run, each with its value and whether it is met (SD 1.5, 512 px, GPU only)."""
+  if result["backend"] != "gpu" or args.model != "sd15" or args.resolution != 512:
+    return {}
+  out = {}
+  for name, (applies, value, bound, kind) in TARGETS.items():
+    if applies(args, result):
+      v = value(result)
+      out[name] = {"value": v, kind: bound, "met": v >= bound if kind == "min" else v <= bound}
+  return out
+
+
 def make_config(args):
   from dreambooth_jax import config_files  # noqa: PLC0415
   c = config_files.load(ROOT / "configs" / "tiny.py")
@@ -37,6 +62,7 @@ def make_config(args):
   c.class_generation_steps = 1
   c.mixed_precision = args.mixed_precision
   c.remat = args.remat
+  c.attention = args.attention
   c.optimizer_moments_bf16 = args.moments_bf16
   c.gradient_accumulation_steps = 1
   c.validation_steps = 0
@@ -140,6 +166,7 @@ def main():
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--mixed_precision", default="no", choices=["no", "bf16"])
   p.add_argument("--remat", default="none")
+  p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
   p.add_argument("--moments_bf16", action="store_true")
   p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tune)")
   p.add_argument("--data", type=int, default=-1)
@@ -156,6 +183,9 @@ def main():
     result["speedup_vs_torch"] = result["ours"]["images_per_s"] / result["torch"]["images_per_s"]
   if args.scaling:
     result["scaling"] = scaling(args)
+  targets = check_targets(args, result)
+  if targets:
+    result["targets"] = targets
   print(json.dumps(result))
 
 
