@@ -1,7 +1,8 @@
 """Sampler benchmark: our jitted DDIM loop vs diffusers-torch on the same device, in one run.
 
   python benchmarks/sample.py --model=tiny --batch=4 --steps=20 --size=64         # CPU, the bundled tiny model
-  python benchmarks/sample.py --model=/path/to/sd15 --batch=8 --steps=50 --size=512  # GPU, SD 1.5
+  python benchmarks/sample.py --model=sd15 --batch=8 --steps=50 --size=512 --dtype=bfloat16  # GPU, SD 1.5 shapes
+  python benchmarks/sample.py --model=/path/to/sd15 ...                             # a real diffusers folder
 
 Prints compile time, images/s for both and the ratio (ours / torch). Target on a GPU: >= 1.5x.
 """
@@ -39,12 +40,15 @@ def torch_images_per_s(model_dir, prompts, steps, size, guidance, dtype, repeats
   return len(prompts) * repeats / (time.perf_counter() - t0), device
 
 
+SD_CONFIGS = weights.TINY_MODEL.parent / "sd-configs"
+RANDOM_MODELS = {"tiny": weights.TINY_MODEL, "sd15": SD_CONFIGS / "sd15", "sd21": SD_CONFIGS / "sd21"}
 TARGET_RATIO = 1.5  # on a GPU: our images/s over diffusers-torch's, same model, batch, steps and dtype
 
 
 def main():
   parser = argparse.ArgumentParser()
-  parser.add_argument("--model", default="tiny", help="'tiny' (random weights) or a diffusers folder")
+  parser.add_argument("--model", default="tiny", help="'tiny', 'sd15', 'sd21' (random weights from the bundled "
+                      "configs: speed does not depend on the values) or a diffusers folder")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--steps", type=int, default=20)
   parser.add_argument("--size", type=int, default=64)
@@ -54,10 +58,11 @@ def main():
   parser.add_argument("--no_torch", action="store_true")
   args = parser.parse_args()
   dtype = getattr(jnp, args.dtype)
-  if args.model == "tiny":
-    sd = weights.random_pipeline(dtype=dtype)
-    model_dir = pathlib.Path(tempfile.mkdtemp()) / "tiny"
-    weights.save_pipeline(sd, model_dir)
+  if args.model in RANDOM_MODELS:
+    sd = weights.random_pipeline(RANDOM_MODELS[args.model], dtype=dtype)
+    model_dir = pathlib.Path(tempfile.mkdtemp()) / args.model
+    if not args.no_torch:
+      weights.save_pipeline(sd, model_dir)  # the same weights for diffusers-torch
   else:
     sd, model_dir = weights.load_pipeline(args.model, dtype=dtype), args.model
   prompts = ["a photo of sks dog"] * args.batch
