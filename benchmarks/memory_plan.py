@@ -24,7 +24,10 @@ VARIANTS = {
     "remat+bf16moments": {"remat": "full", "optimizer_moments_bf16": True},
     "remat+bf16moments+bf16params": {"remat": "full", "optimizer_moments_bf16": True, "param_dtype": "bfloat16"},
     "chunked": {"attention": "chunked"},
+    "chunked+bf16moments": {"attention": "chunked", "optimizer_moments_bf16": True},
     "remat+chunked+bf16moments": {"remat": "full", "attention": "chunked", "optimizer_moments_bf16": True},
+    "chunked+bf16moments+bf16params": {"attention": "chunked", "optimizer_moments_bf16": True,
+                                       "param_dtype": "bfloat16"},
     "lora16": {"lora.enabled": True, "lora.rank": 16},
     "lora16+remat": {"lora.enabled": True, "lora.rank": 16, "remat": "full"},
 }

@@ -46,7 +46,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.adam_epsilon = 1e-8
   c.optimizer_moments_bf16 = False
   c.train_text_encoder = False
-  c.param_dtype = "float32"  # master params (and so gradients and Adam moments): "float32" | "bfloat16"
+  # master params (and so gradients and Adam moments): "float32" | "bfloat16" (updated with stochastic rounding,
+  # since lr-sized updates are far below bf16's resolution and would be lost to round-to-nearest)
+  c.param_dtype = "float32"
   c.mixed_precision = "bf16"  # "no" (fp32) | "bf16" (bf16 compute, fp32 master params)
   c.remat = "none"  # none | full | dots | attention: recompute UNet blocks on the backward pass (memory for compute)
   # auto: cuDNN flash attention on GPUs (bf16/fp16), else XLA | xla | cudnn | chunked: exact attention over

@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dreambooth_jax import lora as lora_lib, schedule as schedule_lib
+from dreambooth_jax import lora as lora_lib, optim, schedule as schedule_lib
+
+ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-batches take 0, 1, ... of the step key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +108,8 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules
     grads = jax.tree.map(lambda g: g / accum, grads)
     metrics = jax.tree.map(lambda m: m / accum, metrics)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
-    new_params = optax.apply_updates(params, updates)
+    # bf16 parameters round stochastically (keyed by the step: a resumed run repeats it exactly)
+    new_params = optim.apply_updates(params, updates, jax.random.fold_in(step_rng, ROUNDING_STREAM))
     metrics["grad_norm"] = optax.tree.norm(grads)
     for group, lr in schedules.items():
       metrics["lr" if group == "unet" else f"lr_{group}"] = lr(state["step"])

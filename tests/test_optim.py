@@ -49,3 +49,37 @@ def test_text_encoder_group_gets_its_own_lr():
   params = {"unet": {"w": jnp.ones(3)}, "text_encoder": {"w": jnp.ones(3)}}
   updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
   np.testing.assert_allclose(updates["text_encoder"]["w"], 0.5 * updates["unet"]["w"], rtol=1e-6)
+
+
+def test_stochastic_rounding_to_bf16_is_unbiased_between_neighbours():
+  x = np.linspace(0.05, 0.0502, 16).astype(np.float32) * np.array([1, -1] * 8, np.float32)
+  bits = x.view(np.uint32)
+  toward_zero = (bits & np.uint32(0xFFFF0000)).view(np.float32)  # the two bf16 neighbours of x (x is not on
+  away = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)  # the grid: checked below)
+  assert np.all(toward_zero != x)
+  keys = jax.random.split(jax.random.key(0), 4096)
+  samples = np.asarray(jax.vmap(lambda k: optim.stochastic_round_to_bf16(jnp.asarray(x), k))(keys).astype(
+      jnp.float32))
+  assert np.all((samples == toward_zero) | (samples == away))
+  # Mean error: a standard error of at most step / (2 sqrt(4096)) = step / 128; allow 4 of them.
+  step = np.abs(away - toward_zero)
+  assert np.all(np.abs(samples.mean(0) - x) <= 4 * step / 128)
+
+
+def test_bf16_params_keep_updates_smaller_than_their_precision():
+  """lr-5e-6-sized updates on |w| ~ 0.05: round-to-nearest (optax.apply_updates) never moves a bf16 weight,
+  stochastic rounding moves them by the fp32 amount on average; fp32 params: bitwise optax.apply_updates."""
+  w = {"w": jnp.full((4096,), 0.05, jnp.bfloat16)}
+  update = {"w": jnp.full((4096,), 5e-6, jnp.float32)}
+  nearest, ours = w, w
+  for step in range(100):
+    nearest = optax.apply_updates(nearest, update)
+    ours = optim.apply_updates(ours, update, jax.random.key(step))
+  start = float(jnp.asarray(0.05, jnp.bfloat16))
+  assert float(nearest["w"].astype(jnp.float32).mean()) == start
+  drift = float(ours["w"].astype(jnp.float32).mean()) - start
+  assert drift == pytest.approx(100 * 5e-6, rel=0.1)
+  p32 = {"a": jnp.asarray(np.random.default_rng(0).standard_normal(64), jnp.float32)}
+  u32 = {"a": jnp.asarray(np.random.default_rng(1).standard_normal(64) * 1e-6, jnp.float32)}
+  np.testing.assert_array_equal(optim.apply_updates(p32, u32, jax.random.key(0))["a"],
+                                 optax.apply_updates(p32, u32)["a"])
