@@ -76,13 +76,27 @@ def make_optimizer(config, groups: tuple[str, ...]) -> tuple[optax.GradientTrans
   return optax.chain(*chain), schedules
 
 
-def stochastic_round_to_bf16(x_f32, key):
+def dither_bits_u16(shape, seed_u32):
+  """16 pseudo-random bits per element from a counter hash (murmur3's finaliser of element index x seed).
+
+  Elementwise integer ops that fuse into the update: threefry bits for every parameter would hold a uint32 copy of
+  the model in memory and multiply the step's compile time (measured on SD 1.5: +6 GiB temporaries, 73 -> 268 s)."""
+  size = 1
+  for d in shape:
+    size *= d
+  x = jax.lax.iota(jnp.uint32, size).reshape(shape) * jnp.uint32(0x9E3779B1) + seed_u32
+  x = (x ^ (x >> 16)) * jnp.uint32(0x85EBCA6B)
+  x = (x ^ (x >> 13)) * jnp.uint32(0xC2B2AE35)
+  return (x ^ (x >> 16)) >> 16
+
+
+def stochastic_round_to_bf16(x_f32, seed_u32):
   """float32 -> bfloat16, rounding up with probability equal to the dropped fraction (unbiased: E[result] = x).
 
   bfloat16 keeps the top 16 bits of a float32; adding 16 random bits below them before truncating carries into the
   kept part with exactly that probability (sign-magnitude, so negatives round symmetrically)."""
   bits_u32 = jax.lax.bitcast_convert_type(x_f32.astype(jnp.float32), jnp.uint32)
-  noise_u32 = jax.random.bits(key, x_f32.shape, jnp.uint32) >> 16
+  noise_u32 = dither_bits_u16(x_f32.shape, seed_u32)
   kept_u32 = (bits_u32 + noise_u32) & jnp.uint32(0xFFFF0000)
   return jax.lax.bitcast_convert_type(kept_u32, jnp.float32).astype(jnp.bfloat16)
 
@@ -94,11 +108,12 @@ def apply_updates(params, updates, key):
   |w| ~ 0.05 (step 2.4e-4) that is all of them, and bf16 parameters would never train. Stochastic rounding keeps
   the expected trajectory of float32 training. float32 parameters: exactly optax.apply_updates."""
   leaves, treedef = jax.tree.flatten(params)
+  seed_u32 = jax.random.bits(key, (), jnp.uint32)  # one threefry draw; per-leaf seeds by a Weyl sequence
   new = []
   for index, (p, u) in enumerate(zip(leaves, treedef.flatten_up_to(updates))):
     if p.dtype == jnp.bfloat16:
       new.append(stochastic_round_to_bf16(p.astype(jnp.float32) + u.astype(jnp.float32),
-                                          jax.random.fold_in(key, index)))
+                                          seed_u32 + jnp.uint32((index * 0x9E3779B9) % 2**32)))
     else:
       new.append((p + u).astype(p.dtype))
   return treedef.unflatten(new)

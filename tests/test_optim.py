@@ -58,7 +58,8 @@ def test_stochastic_rounding_to_bf16_is_unbiased_between_neighbours():
   away = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32)  # the grid: checked below)
   assert np.all(toward_zero != x)
   keys = jax.random.split(jax.random.key(0), 4096)
-  samples = np.asarray(jax.vmap(lambda k: optim.stochastic_round_to_bf16(jnp.asarray(x), k))(keys).astype(
+  seeds = jax.vmap(lambda k: jax.random.bits(k, (), jnp.uint32))(keys)
+  samples = np.asarray(jax.vmap(lambda s: optim.stochastic_round_to_bf16(jnp.asarray(x), s))(seeds).astype(
       jnp.float32))
   assert np.all((samples == toward_zero) | (samples == away))
   # Mean error: a standard error of at most step / (2 sqrt(4096)) = step / 128; allow 4 of them.
