@@ -306,6 +306,8 @@ def main(argv):
 
 
 def define_flags():
+  from dreambooth_jax.eval import lpips  # noqa: PLC0415
+
   flags.DEFINE_string("generated", None, "Folder of generated images (with index.json/index.csv or per-prompt "
                       "subfolders).")
   flags.DEFINE_string("real", None, "Folder of the real subject images.")
@@ -318,7 +320,7 @@ def define_flags():
   flags.DEFINE_string("lpips_model", None, "LPIPS backbone weights for DIV: a .safetensors file, a folder with "
                       "model.safetensors or a hub id; torchvision/timm `features.N.*` keys (e.g. timm/vgg16.tv_in1k "
                       "with --lpips_net=vgg) or an lpips.LPIPS state dict. Unset: no DIV.")
-  flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone (lpips' default: alex).")
+  flags.DEFINE_enum("lpips_net", "alex", sorted(lpips.BACKBONES), "LPIPS backbone (lpips' default: alex).")
   flags.DEFINE_string("lpips_lin", None, "LPIPS lin weights (default: those in --lpips_model, else the bundled "
                       "v0.1 weights of the lpips package).")
   flags.DEFINE_string("out", None, "Optional JSON file to write the results to.")

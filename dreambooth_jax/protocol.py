@@ -9,8 +9,9 @@ generate images_per_prompt images for each of the 25 prompts (object or live-sub
 CLIP-T; then write OUT/table.md and OUT/table.json laid out like Table 1, with the "real images" row (DINO and
 CLIP-I between distinct real photos of each subject). Table 3's columns too when asked: PRES (--pres_images=N images
 of the bare class prompt "a <class>" from each fine-tuned model, DINO against the real photos) and DIV
-(--lpips_model); run it once with and once without prior preservation (--method names the row). Resumable: a subject with OUT/<subject>/metrics.json is not
-redone, an interrupted training resumes from its checkpoint, and generated images already on disk are kept.
+(--lpips_model); run it once with and once without prior preservation (--method names the row). Resumable: a
+subject with OUT/<subject>/metrics.json is not redone, an interrupted training resumes from its checkpoint, and
+generated images already on disk are kept.
 """
 
 import dataclasses
@@ -197,6 +198,8 @@ def main(argv):
 
 
 def define_flags():
+  from dreambooth_jax.eval import lpips  # noqa: PLC0415
+
   config_flags.DEFINE_config_file("config", "configs/dog.py", "Training config (the subject-specific keys are set "
                                   "per subject).", lock_config=False)
   flags.DEFINE_string("dataset", None, "The DreamBooth dataset folder (subject folders + prompts_and_classes.txt).",
@@ -205,7 +208,7 @@ def define_flags():
   flags.DEFINE_string("dino_model", "facebook/dino-vits16", "DINO ViT: transformers folder or hub id.")
   flags.DEFINE_string("clip_model", "openai/clip-vit-large-patch14", "CLIPModel: transformers folder or hub id.")
   flags.DEFINE_string("lpips_model", None, "LPIPS backbone weights (see dreambooth_jax.evaluate): adds a DIV column.")
-  flags.DEFINE_enum("lpips_net", "alex", ["alex", "vgg"], "LPIPS backbone.")
+  flags.DEFINE_enum("lpips_net", "alex", sorted(lpips.BACKBONES), "LPIPS backbone.")
   flags.DEFINE_integer("pres_images", 0, "Images of the bare class prompt per subject for PRES (0 = no PRES column).")
   flags.DEFINE_string("method", "dreambooth_jax", "The row's name in the table (e.g. 'w/ PPL', 'w/o PPL').")
   flags.DEFINE_string("token", "sks", "The rare identifier [V].")

@@ -33,8 +33,10 @@ def check_config(config):
   if config.eval_steps and not (config.eval_dino_model and config.eval_clip_model):
     raise ValueError("eval_steps is set: give eval_dino_model and eval_clip_model (transformers folders or hub ids, "
                      "e.g. facebook/dino-vits16 and openai/clip-vit-large-patch14)")
-  if config.eval_steps and config.get("eval_lpips_model") and config.get("eval_lpips_net") not in ("alex", "vgg"):
-    raise ValueError(f"eval_lpips_net={config.get('eval_lpips_net')!r}: expected 'alex' or 'vgg'")
+  if config.eval_steps and config.get("eval_lpips_model"):
+    from dreambooth_jax.eval import lpips  # noqa: PLC0415
+    if config.get("eval_lpips_net") not in lpips.BACKBONES:
+      raise ValueError(f"eval_lpips_net={config.get('eval_lpips_net')!r}: expected one of {sorted(lpips.BACKBONES)}")
 
 
 class Evaluator:

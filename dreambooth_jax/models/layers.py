@@ -81,9 +81,7 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, imp
   matrix lives in memory: the memory lever where no flash kernel exists, e.g. TPU), or "auto": cuDNN on a GPU
   when the inputs qualify, else XLA. (jax.nn.dot_product_attention's own default is XLA on every backend.)
   """
-  implementation = implementation or "auto"
-  if implementation not in ATTENTION_IMPLEMENTATIONS:
-    raise ValueError(f"attention={implementation!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}")
+  implementation = check_attention(implementation)
   if implementation == "chunked" and mask is None and not is_causal and q_BTNH.shape[1] > QUERY_CHUNK:
     return chunked_attention(q_BTNH, k_BSNH, v_BSNH, QUERY_CHUNK)
   if implementation == "auto":
@@ -96,6 +94,14 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, imp
     implementation = "xla"
   return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
                                       implementation=None if implementation in ("xla", "chunked") else implementation)
+
+
+def check_attention(implementation: str | None) -> str:
+  """The attention implementation by name (None = "auto"); anything else is an error naming the value."""
+  implementation = implementation or "auto"
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ValueError(f"attention={implementation!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}")
+  return implementation
 
 
 def chunked_attention(q_BTNH, k_BSNH, v_BSNH, chunk: int):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreambooth_jax.models.layers import ATTENTION_IMPLEMENTATIONS, Attention, Layers, require
+from dreambooth_jax.models.layers import Attention, Layers, check_attention, require
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -235,8 +235,7 @@ def remat_policy(remat: bool | str) -> str | None:
 class UNet2DConditionModel(nnx.Module):
   def __init__(self, config: UNetConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                attention_impl: str | None = "auto", remat: bool | str = False):
-    if (attention_impl or "auto") not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention={attention_impl!r}: expected one of {list(ATTENTION_IMPLEMENTATIONS)}")
+    attention_impl = check_attention(attention_impl)  # at build time, not first at trace time
     layers = Layers(rngs, dtype, param_dtype)
     self.config, self.remat, self.dtype = config, remat_policy(remat), dtype
     ch = config.block_out_channels
