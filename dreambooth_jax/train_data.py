@@ -98,12 +98,14 @@ class TrainData:
       stds.append(np.asarray(std))
     return {"mean": np.stack(means), "std": np.stack(stds)}
 
-  def _local_micro_batch(self) -> dict:
+  def _local_micro_batch(self, micro: int) -> dict:
     parts = []
     for name, it in self.iterators.items():
       example = next(it)
+      # slot: the example's position in the step's whole batch (its noise key), across micro-batches
+      offset = micro * self.global_batch_size + (self.config.train_batch_size if name == "class" else 0)
       part = {"prior": np.full(len(example["index_B"]), name == "class", np.float32),
-              "slot": example["slot_B"] + (self.config.train_batch_size if name == "class" else 0)}
+              "slot": example["slot_B"] + offset}
       if self.latents is not None:
         table = self.latents[name]
         flips = example["flip_B"].astype(np.int32)
@@ -119,7 +121,7 @@ class TrainData:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
   def next_batch(self) -> dict:
-    micro = [self._local_micro_batch() for _ in range(self.config.gradient_accumulation_steps)]
+    micro = [self._local_micro_batch(a) for a in range(self.config.gradient_accumulation_steps)]
     local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
     sharding = sharding_lib.accumulation_batch_sharding(self.mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

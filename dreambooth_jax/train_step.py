@@ -31,8 +31,8 @@ class LossSettings:
 def example_losses(unet, text_encoder, vae, schedule, micro: dict, rng, settings: LossSettings):
   """Per-example MSE (B,) of one micro-batch.
 
-  Each example draws its posterior sample, noise and timestep from fold_in(rng, its global batch slot), so the
-  loss is the same however the batch is split over processes and devices."""
+  Each example draws its posterior sample, noise and timestep from fold_in(rng, its global slot in the step's
+  batch), so the loss is the same however the batch is split over processes, devices and micro-batches."""
   if "pixels" in micro:
     mean, std = vae.encode(micro["pixels"])
     mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
@@ -74,18 +74,19 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules
 
   state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ...} (donated)
   batch:  arrays with a leading gradient-accumulation axis (A, B, ...): "pixels" or "latent_mean"/"latent_std",
-          "ids" or "context", "prior" (B,) flags and "slot" (B,) global batch positions (keys of the noise).
+          "ids" or "context", "prior" (B,) flags and "slot" (B,) the examples' positions in the step's whole
+          batch (A x B; the keys of their noise).
   rng:    the run's base key; the step's key is fold_in(rng, step), so a resumed run draws the same noise.
   frozen: the parameters that are not trained ("vae", and "text_encoder" unless it is trained or its embeddings are
           cached), for LoRA the frozen base weights ("unet_base", ["text_encoder_base"]), and the schedule.
   """
 
-  def loss_fn(params, frozen, micro, rng):
+  def loss_fn(params, frozen, micro, micro_rng, example_rng):
     modules = merge_modules(graphdefs, params, frozen)
-    for module in modules.values():  # LoRA dropout (if any) draws from the step's key
-      lora_lib.set_dropout_key(module, jax.random.fold_in(rng, 1))
+    for module in modules.values():  # LoRA dropout (if any) draws from the micro-batch's key
+      lora_lib.set_dropout_key(module, jax.random.fold_in(micro_rng, 1))
     mse_B = example_losses(modules["unet"], modules.get("text_encoder"), modules["vae"], frozen["schedule"], micro,
-                           rng, settings)
+                           example_rng, settings)
     loss, (instance_loss, prior_loss) = combine_losses(mse_B, micro["prior"], settings.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
@@ -99,7 +100,9 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules
     def micro_step(carry, inputs):
       grads_sum, metrics_sum = carry
       index, micro = inputs
-      grads, metrics = grad_fn(params, frozen, micro, jax.random.fold_in(step_rng, index))
+      # examples draw from one stream by their global slot: a split into micro-batches changes no draw
+      grads, metrics = grad_fn(params, frozen, micro, jax.random.fold_in(step_rng, index),
+                               jax.random.fold_in(step_rng, 0))
       return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
