@@ -18,7 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def counts(model: str, rank: int) -> dict:
-  from dreambooth_jax import lora, weights  # noqa: PLC0415
+  from dreambooth_jax.models import lora
+  from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
   sd = weights.random_pipeline(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / model, abstract=True)
   full = lora.count_params(nnx.state(sd.unet, nnx.Param))
   if rank:

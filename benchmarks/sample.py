@@ -16,7 +16,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from dreambooth_jax import sampling, weights
+from dreambooth_jax.sampling import sampler as sampling
+from dreambooth_jax.io import diffusers_folder as weights
 
 
 def torch_images_per_s(model_dir, prompts, steps, size, guidance, dtype, repeats):

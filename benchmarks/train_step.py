@@ -103,7 +103,7 @@ def ours(args) -> dict:
 def torch_step(args) -> dict:
   import torch  # noqa: PLC0415
   from diffusers import UNet2DConditionModel  # noqa: PLC0415
-  from dreambooth_jax import weights  # noqa: PLC0415
+  from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
   folder = weights.TINY_MODEL if args.model == "tiny" else pathlib.Path(MODELS[args.model])
   config = json.loads((folder / "unet" / "config.json").read_text())
   device = "cuda" if torch.cuda.is_available() else "cpu"

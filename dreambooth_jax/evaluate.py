@@ -149,7 +149,7 @@ def embed_images(model, paths, spec, batch_size: int) -> np.ndarray:
 
 
 def clip_tokenizer(folder: pathlib.Path):
-  from dreambooth_jax import tokenizer  # noqa: PLC0415
+  from dreambooth_jax.io import tokenizers as tokenizer  # noqa: PLC0415
 
   has_own = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
   return tokenizer.load_tokenizer(folder if has_own else tokenizer.BUNDLED_TOKENIZER)
@@ -289,7 +289,7 @@ def main(argv):
   for name in ("generated", "real"):
     if not getattr(f, name):
       raise app.UsageError(f"--{name} is required")
-  from dreambooth_jax.safetensors_io import CheckpointError  # noqa: PLC0415
+  from dreambooth_jax.io.safetensors import CheckpointError  # noqa: PLC0415
   try:
     results = evaluate(f.generated, f.real, dino_model=f.dino_model, clip_model=f.clip_model,
                        prompts_file=f.prompts, class_generated=f.class_generated, batch_size=f.batch_size,

@@ -19,8 +19,13 @@ import jax
 import ml_collections
 from absl import app, flags, logging
 
-from dreambooth_jax import checkpoint, lora as lora_lib, optim, single_file_io, train_step as train_step_lib, weights
-from dreambooth_jax.formats import kohya
+from dreambooth_jax.training import checkpoint
+from dreambooth_jax.models import lora as lora_lib
+from dreambooth_jax.training import optim
+from dreambooth_jax.io import single_file as single_file_io
+from dreambooth_jax.training import step as train_step_lib
+from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io import lora_files as kohya
 
 FORMATS = ("diffusers", "single_file", "lora_kohya", "lora_diffusers")
 DTYPES = {"": None, "float32": None, "fp32": None, "float16": "float16", "fp16": "float16", "bfloat16": "bfloat16",

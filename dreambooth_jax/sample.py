@@ -17,7 +17,9 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from dreambooth_jax import sampling, sharding, weights
+from dreambooth_jax import sharding
+from dreambooth_jax.sampling import sampler as sampling
+from dreambooth_jax.io import diffusers_folder as weights
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   if bool(prompt) == bool(prompts_file):

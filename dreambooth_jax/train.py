@@ -20,9 +20,18 @@ from absl import app, flags, logging
 from flax import nnx
 from ml_collections import config_flags
 
-from dreambooth_jax import (checkpoint, distributed, lora as lora_lib, metrics as metrics_lib, optim, prior, sampling,
-                            plan as plan_lib, sharding, train_data, train_eval, train_step as train_step_lib,
-                            weights)
+from dreambooth_jax import distributed, sharding
+from dreambooth_jax.training import checkpoint
+from dreambooth_jax.models import lora as lora_lib
+from dreambooth_jax.training import metrics as metrics_lib
+from dreambooth_jax.training import optim
+from dreambooth_jax.data import class_images as prior
+from dreambooth_jax.sampling import sampler as sampling
+from dreambooth_jax.training import plan as plan_lib
+from dreambooth_jax.data import batches as train_data
+from dreambooth_jax.training import in_training_eval as train_eval
+from dreambooth_jax.training import step as train_step_lib
+from dreambooth_jax.io import diffusers_folder as weights
 
 
 

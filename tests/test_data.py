@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dreambooth_jax import data
+from dreambooth_jax.data import images as data
 
 
 def save(image: Image.Image, path, **kwargs):

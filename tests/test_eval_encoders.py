@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io
 from dreambooth_jax.eval import encoders, preprocess
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.io.safetensors import CheckpointError
 
 # fp32 on CPU: observed errors are ~1e-6; the bound is relative to the output's scale.
 REL_TOL = 1e-4

@@ -9,7 +9,7 @@ import safetensors.torch
 import torch
 
 from dreambooth_jax.eval import lpips
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.io.safetensors import CheckpointError
 
 import lpips_reference  # tests/ is on sys.path (rootdir conftest)
 

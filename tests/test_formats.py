@@ -7,8 +7,9 @@ import pytest
 import torch
 from reference_models import TINY_SD1, TINY_SD2, build_pipeline, to_numpy
 
-from dreambooth_jax.formats import kohya, single_file as sf
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.io import lora_files as kohya
+from dreambooth_jax.io import single_file_keys as sf
+from dreambooth_jax.io.safetensors import CheckpointError
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 OUTPUT_ATOL = 1e-5  # single file: same fp32 weights, so outputs agree to float rounding

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from reference_models import to_numpy
-from dreambooth_jax import weights
+from dreambooth_jax.io import diffusers_folder as weights
 
 pytestmark = pytest.mark.slow
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "dreambooth_jax" / "assets" / "sd-configs"

@@ -47,9 +47,10 @@ def pixels(n, seed):
 def run_step(config, *, prediction_type=None, accum=1, cached=True):
   """One train step through the trainer's own model building and AOT compile, on a fixed batch of
   2 instance + 2 class examples split into `accum` micro-batches of (1 + 1) or one of (2 + 2)."""
-  from dreambooth_jax import sharding, train, train_step as train_step_lib
-  from dreambooth_jax import schedule as schedule_lib
-  from dreambooth_jax.tokenizer import tokenize
+  from dreambooth_jax import sharding, train
+  from dreambooth_jax.training import step as train_step_lib
+  from dreambooth_jax.sampling import schedules as schedule_lib
+  from dreambooth_jax.io.tokenizers import tokenize
 
   config.gradient_accumulation_steps = accum
   config.train_batch_size = 2 // accum

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from dreambooth_jax import identifier, tokenizer
+from dreambooth_jax.eval import identifier
+from dreambooth_jax.io import tokenizers as tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def test_suggestions_follow_the_rule_and_the_seed(tok, vocab):
 
 
 def test_cli():
-  run = lambda *args: subprocess.run([sys.executable, "-m", "dreambooth_jax.identifier", *args],
+  run = lambda *args: subprocess.run([sys.executable, "-m", "dreambooth_jax.eval.identifier", *args],
                                      capture_output=True, text=True, timeout=60)
   out = run("sks", "dog", "--suggest=2")
   assert out.returncode == 0, out.stderr

@@ -14,8 +14,9 @@ import torch
 from flax import nnx
 
 from reference_models import to_numpy
-from dreambooth_jax import lora, weights
-from dreambooth_jax.formats import kohya
+from dreambooth_jax.models import lora
+from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io import lora_files as kohya
 
 TOL = 1e-4
 RANK, ALPHA = 4, 8.0

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from reference_models import TINY_SD1, TINY_SD2, to_numpy
-from dreambooth_jax import weights
-from dreambooth_jax.tokenizer import tokenize
+from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io.tokenizers import tokenize
 
 TOL = 1e-4
 

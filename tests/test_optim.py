@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from dreambooth_jax import optim
+from dreambooth_jax.training import optim
 
 
 def test_bf16_moments_adam_follows_fp32_adam():

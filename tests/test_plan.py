@@ -5,7 +5,10 @@ import jax
 import pytest
 
 from test_train import fast_config
-from dreambooth_jax import plan, sharding, train, train_data, weights
+from dreambooth_jax import sharding, train
+from dreambooth_jax.training import plan
+from dreambooth_jax.data import batches as train_data
+from dreambooth_jax.io import diffusers_folder as weights
 
 
 def dry(*overrides):

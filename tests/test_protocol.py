@@ -13,7 +13,7 @@ from PIL import Image
 from lpips_reference import random_backbone_model
 from test_eval_metrics import models  # noqa: F401 (tiny random DINO / CLIP folders)
 from test_train import fast_config
-from dreambooth_jax import protocol
+from dreambooth_jax.eval import protocol
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared" / "dreambooth-dataset"
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "dreambooth_jax" / "assets" / "dog"

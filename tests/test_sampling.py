@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dreambooth_jax import sampling, weights
+from dreambooth_jax.sampling import sampler as sampling
+from dreambooth_jax.io import diffusers_folder as weights
 
 
 @pytest.mark.parametrize("which, eta", [("sd1", 0.0), ("sd2", 0.0)])

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from dreambooth_jax import schedule as S
+from dreambooth_jax.sampling import schedules as S
 
 CONFIGS = [
     dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False,

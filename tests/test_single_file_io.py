@@ -11,9 +11,12 @@ import torch
 from flax import nnx
 
 from reference_models import to_numpy
-from dreambooth_jax import lora, safetensors_io, single_file_io, weights
-from dreambooth_jax.formats import single_file as sf
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.models import lora
+from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax.io import single_file as single_file_io
+from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io import single_file_keys as sf
+from dreambooth_jax.io.safetensors import CheckpointError
 
 TOL = 1e-4
 

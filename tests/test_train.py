@@ -69,7 +69,8 @@ def test_tiny_run_learns_checkpoints_and_exports(full_run):
 def test_export_loads_in_diffusers_torch_and_generates(full_run, tmp_path):
   import torch
   from diffusers import DDIMScheduler, StableDiffusionPipeline
-  from dreambooth_jax import sampling, weights
+  from dreambooth_jax.sampling import sampler as sampling
+  from dreambooth_jax.io import diffusers_folder as weights
   pipe = StableDiffusionPipeline.from_pretrained(full_run / "export")
   pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
   pipe.set_progress_bar_config(disable=True)
@@ -166,7 +167,9 @@ def test_bad_instance_images_stop_before_training(tmp_path):
 
 
 def test_interrupted_class_generation_resumes_identically(tmp_path):
-  from dreambooth_jax import prior, sampling, weights
+  from dreambooth_jax.data import class_images as prior
+  from dreambooth_jax.sampling import sampler as sampling
+  from dreambooth_jax.io import diffusers_folder as weights
   sd = weights.random_pipeline()
   settings = sampling.SamplerSettings(steps=2, guidance=3.0, height=32, width=32)
   first = tmp_path / "first"

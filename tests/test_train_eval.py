@@ -42,7 +42,7 @@ def test_eval_steps_record_and_keep_the_best_checkpoint(tmp_path, models):  # no
 
 
 def test_eval_config_errors():
-  from dreambooth_jax import train_eval
+  from dreambooth_jax.training import in_training_eval as train_eval
   with pytest.raises(ValueError, match="eval_metric='fid'"):
     train_eval.check_config(fast_config("eval_steps=2", "eval_metric=fid"))
   with pytest.raises(ValueError, match="eval_dino_model"):

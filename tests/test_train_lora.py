@@ -44,7 +44,7 @@ def test_lora_run_trains_only_the_factors(lora_run):
   tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
   names = {str(k) for path in _paths(tree["params"]) for k in path[-1:]}
   assert names == {"lora_down", "lora_up"}, names
-  from dreambooth_jax import weights
+  from dreambooth_jax.io import diffusers_folder as weights
   lora_count = sum(int(np.prod(m.shape)) for m in _leaves(tree["params"]))
   unet_count = sum(v.size for v in weights.module_state_dict(weights.random_pipeline().unet).values())
   assert lora_count < 0.2 * unet_count, (lora_count, unet_count)
@@ -76,7 +76,9 @@ def test_lora_resume_repeats_the_losses(lora_run, tmp_path):
 def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
   import torch
   from diffusers import StableDiffusionPipeline
-  from dreambooth_jax import export, lora, weights
+  from dreambooth_jax import export
+  from dreambooth_jax.models import lora
+  from dreambooth_jax.io import diffusers_folder as weights
 
   config, view, step = export.load_run(lora_run, None)
   assert step == STEPS and lora.lora_modules(view.unet)
@@ -109,7 +111,7 @@ def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     got = torch_unet(pipe)
     assert np.abs(got - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max()), fmt
-    from dreambooth_jax.formats import kohya
+    from dreambooth_jax.io import lora_files as kohya
     _, metadata = kohya.load_lora(path)
     assert metadata["modelspec.trigger_phrase"] == "a photo of sks dog" and metadata["ss_network_dim"] == "4"
   # Merged full model, as a diffusers folder; without --merge_lora a clear refusal.
@@ -127,7 +129,8 @@ def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
 
 
 def test_full_run_refuses_lora_export(tmp_path):
-  from dreambooth_jax import export, weights
+  from dreambooth_jax import export
+  from dreambooth_jax.io import diffusers_folder as weights
   config = lora_config()
   with pytest.raises(ValueError, match="trained the full model"):
     export.export(weights.random_pipeline(), config, tmp_path / "x.safetensors", "lora_kohya")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from reference_models import to_numpy
-from dreambooth_jax import safetensors_io, weights
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io.safetensors import CheckpointError
 
 
 def unet_inputs():

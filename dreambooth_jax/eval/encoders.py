@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io
 from dreambooth_jax.models.clip_text import CLIPEncoder, CLIPTextConfig, CLIPTextModel
 from dreambooth_jax.models.layers import Layers, activation, attention
-from dreambooth_jax.safetensors_io import CheckpointError
-from dreambooth_jax.weights import fetch_from_hub, load_module
+from dreambooth_jax.io.safetensors import CheckpointError
+from dreambooth_jax.io.diffusers_folder import fetch_from_hub, load_module
 
 
 def config_fields(cls, config: dict) -> dict:

@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io
 from dreambooth_jax.models.layers import Layers
-from dreambooth_jax.safetensors_io import CheckpointError
-from dreambooth_jax.weights import load_module
+from dreambooth_jax.io.safetensors import CheckpointError
+from dreambooth_jax.io.diffusers_folder import load_module
 
 BUNDLED_LIN = pathlib.Path(__file__).resolve().parent.parent / "assets" / "lpips"
 # lpips.ScalingLayer: ImageNet statistics expressed for inputs in [-1, 1].

@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 from absl import logging
 
-from dreambooth_jax import sampling
+from dreambooth_jax.sampling import sampler as sampling
 
 METRICS = ("dino", "clip_i", "clip_t")
 

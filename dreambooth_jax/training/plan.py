@@ -17,10 +17,12 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 
-from dreambooth_jax import sharding as sharding_lib, train_data, weights
+from dreambooth_jax import sharding as sharding_lib
+from dreambooth_jax.data import batches as train_data
+from dreambooth_jax.io import diffusers_folder as weights
 
 GIB = 2**30
-BUNDLED_CONFIGS = pathlib.Path(__file__).parent / "assets" / "sd-configs"
+BUNDLED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "sd-configs"
 KNOWN_HUB_CONFIGS = {  # hub id -> bundled configs with the same shapes
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
     "CompVis/stable-diffusion-v1-4": "sd15", "stabilityai/stable-diffusion-2-1": "sd21",
@@ -39,7 +41,8 @@ def model_config_dir(config) -> pathlib.Path:
   if config.random_init:
     return weights.TINY_MODEL if path == "tiny" else pathlib.Path(path)
   if pathlib.Path(path).suffix == ".safetensors":
-    from dreambooth_jax import safetensors_io, single_file_io  # noqa: PLC0415
+    from dreambooth_jax.io import safetensors as safetensors_io
+    from dreambooth_jax.io import single_file as single_file_io  # noqa: PLC0415
     header, _ = safetensors_io.read_header(pathlib.Path(path))
     return single_file_io.config_dir(config.get("single_file_config", "auto") or "auto", dict.fromkeys(header), path)
   local = pathlib.Path(path).expanduser()

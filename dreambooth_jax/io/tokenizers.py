@@ -4,7 +4,7 @@ import pathlib
 
 import numpy as np
 
-BUNDLED_TOKENIZER = pathlib.Path(__file__).parent / "assets" / "clip-tokenizer"
+BUNDLED_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "clip-tokenizer"
 
 
 def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77):

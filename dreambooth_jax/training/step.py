@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dreambooth_jax import lora as lora_lib, optim, schedule as schedule_lib
+from dreambooth_jax.models import lora as lora_lib
+from dreambooth_jax.training import optim
+from dreambooth_jax.sampling import schedules as schedule_lib
 
 ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-batches take 0, 1, ... of the step key)
 

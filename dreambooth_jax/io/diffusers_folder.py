@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io
 from dreambooth_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.io.safetensors import CheckpointError
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
@@ -207,7 +207,8 @@ def load_component(model_dir: pathlib.Path, component: str, *, dtype=jnp.float32
 
 def load_pipeline(name_or_path, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
                   unet_kwargs: dict | None = None) -> StableDiffusion:
-  from dreambooth_jax import schedule, tokenizer  # noqa: PLC0415 (keep this module's import floor low)
+  from dreambooth_jax.sampling import schedules as schedule
+  from dreambooth_jax.io import tokenizers as tokenizer  # noqa: PLC0415 (keep this module's import floor low)
 
   model_dir = resolve_model_dir(name_or_path)
   index = read_json(model_dir / "model_index.json")
@@ -262,14 +263,15 @@ def save_pipeline(sd: StableDiffusion, out_dir, *, replace: dict | None = None, 
   return out_dir
 
 
-TINY_MODEL = pathlib.Path(__file__).parent / "assets" / "tiny-sd"
+TINY_MODEL = pathlib.Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 
 
 def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
                     unet_kwargs: dict | None = None, abstract: bool = False) -> StableDiffusion:
   """A pipeline with seeded random weights from a folder of config.json files only (the offline default).
   abstract: every parameter a ShapeDtypeStruct (nnx.eval_shape), nothing allocated (memory planning)."""
-  from dreambooth_jax import schedule, tokenizer  # noqa: PLC0415
+  from dreambooth_jax.sampling import schedules as schedule
+  from dreambooth_jax.io import tokenizers as tokenizer  # noqa: PLC0415
 
   config_dir = pathlib.Path(config_dir)
   configs, modules = {"model_index": read_json(config_dir / "model_index.json")}, {}
@@ -296,7 +298,7 @@ def load_or_init_pipeline(name_or_path, *, random_init: bool = False, seed: int 
     return random_pipeline(name_or_path, seed=seed, **kwargs)
   single_file_config = kwargs.pop("single_file_config", "auto") or "auto"
   if pathlib.Path(str(name_or_path)).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-    from dreambooth_jax import single_file_io  # noqa: PLC0415 (single_file_io imports this module)
+    from dreambooth_jax.io import single_file as single_file_io  # noqa: PLC0415 (single_file_io imports this module)
     kwargs.pop("variant", None)
     return single_file_io.load_single_file_pipeline(name_or_path, config=single_file_config, **kwargs)
   return load_pipeline(name_or_path, **kwargs)

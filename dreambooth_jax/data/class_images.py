@@ -13,8 +13,8 @@ import pathlib
 import jax
 from PIL import Image
 
-from dreambooth_jax import sampling
-from dreambooth_jax.data import IMAGE_EXTENSIONS
+from dreambooth_jax.sampling import sampler as sampling
+from dreambooth_jax.data.images import IMAGE_EXTENSIONS
 
 GENERATED_PREFIX = "class_"
 RECORD = "class_images.json"

@@ -15,11 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreambooth_jax import lora, safetensors_io, schedule, tokenizer, weights
-from dreambooth_jax.formats import single_file as sf
-from dreambooth_jax.safetensors_io import CheckpointError
+from dreambooth_jax.models import lora
+from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax.sampling import schedules as schedule
+from dreambooth_jax.io import tokenizers as tokenizer
+from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io import single_file_keys as sf
+from dreambooth_jax.io.safetensors import CheckpointError
 
-BUNDLED_CONFIGS = pathlib.Path(__file__).parent / "assets" / "sd-configs"
+BUNDLED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "sd-configs"
 CONFIG_NAMES = ("sd15", "sd21")
 
 

@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dreambooth_jax import schedule as schedule_lib, sharding as sharding_lib
-from dreambooth_jax.tokenizer import tokenize
+from dreambooth_jax import sharding as sharding_lib
+from dreambooth_jax.sampling import schedules as schedule_lib
+from dreambooth_jax.io.tokenizers import tokenize
 
 
 @dataclasses.dataclass(frozen=True)

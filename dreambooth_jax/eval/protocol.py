@@ -1,6 +1,6 @@
 """The DreamBooth benchmark protocol (Ruiz et al. 2023, Sec. 4.1 / Table 1) end to end.
 
-  python -m dreambooth_jax.protocol --dataset=PATH/dreambooth-dataset --config=configs/dog.py --out=runs/protocol \
+  python -m dreambooth_jax.eval.protocol --dataset=PATH/dreambooth-dataset --config=configs/dog.py --out=runs/protocol \
       --dino_model=PATH --clip_model=PATH [--subjects=dog,cat] [--images_per_prompt=4] [--workdirs=dog:runs/dog]
 
 For every subject folder of the dataset (its class from prompts_and_classes.txt): train "a sks <class>" with the
@@ -75,7 +75,8 @@ def generate_prompts(view, prompts: list[str], out: pathlib.Path, *, images_per_
                      settings, batch_size: int, mesh=None) -> pathlib.Path:
   """images_per_prompt images per prompt into out/ with index.json (the sampler's layout); images already there
   (same index) are kept, so an interrupted generation resumes."""
-  from dreambooth_jax import prior, sampling  # noqa: PLC0415
+  from dreambooth_jax.data import class_images as prior
+  from dreambooth_jax.sampling import sampler as sampling  # noqa: PLC0415
 
   out.mkdir(parents=True, exist_ok=True)
   entries = [{"file": f"{i:05d}.png", "prompt": p, "index": i}
@@ -121,7 +122,9 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
         images_per_prompt: int = 4, prompts_limit: int = 0, workdirs: dict | None = None, method: str = "dreambooth_jax",
         sample_steps: int = 50, guidance: float = 7.5, batch_size: int = 8, lpips_model=None,
         lpips_net: str = "alex", pres_images: int = 0) -> dict:
-  from dreambooth_jax import checkpoint, evaluate, export, sampling, train  # noqa: PLC0415
+  from dreambooth_jax import evaluate, export, train
+  from dreambooth_jax.training import checkpoint
+  from dreambooth_jax.sampling import sampler as sampling  # noqa: PLC0415
 
   dataset, out = pathlib.Path(dataset), pathlib.Path(out)
   classes, templates = read_prompts_and_classes(dataset / "prompts_and_classes.txt")

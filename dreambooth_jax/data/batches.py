@@ -14,10 +14,11 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dreambooth_jax import data as data_lib, sharding as sharding_lib
-from dreambooth_jax.tokenizer import tokenize
+from dreambooth_jax import sharding as sharding_lib
+from dreambooth_jax.data import images as data_lib
+from dreambooth_jax.io.tokenizers import tokenize
 
-BUNDLED_DOG = pathlib.Path(__file__).parent / "assets" / "dog"
+BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
 
 def trains_text_encoder(config) -> bool:

@@ -18,7 +18,7 @@ import re
 import ml_dtypes
 import numpy as np
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

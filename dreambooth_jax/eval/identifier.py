@@ -1,7 +1,7 @@
 """Checks or proposes the rare-token identifier of a DreamBooth subject ("a photo of sks dog").
 
-  python -m dreambooth_jax.identifier sks          # how CLIP's tokenizer splits it, with warnings
-  python -m dreambooth_jax.identifier --suggest=5  # five rare single-token identifiers (seedable)
+  python -m dreambooth_jax.eval.identifier sks          # how CLIP's tokenizer splits it, with warnings
+  python -m dreambooth_jax.eval.identifier --suggest=5  # five rare single-token identifiers (seedable)
 
 The paper wants an identifier that is one token with a weak prior: several tokens spread the subject over pieces
 the model already knows, and a frequent word ("dog") must first be unlearned. BPE vocabularies number merged tokens
@@ -68,7 +68,7 @@ def suggest(tok, count: int, *, seed: int = 0, min_rank: int = 5000, max_rank: i
 
 
 def main(argv):
-  from dreambooth_jax import tokenizer  # noqa: PLC0415
+  from dreambooth_jax.io import tokenizers as tokenizer  # noqa: PLC0415
 
   f = flags.FLAGS
   candidates = argv[1:]

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
-from dreambooth_jax import weights
+from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.models.clip_text import CLIPTextModel
 
 # Module names (matched against the end of the dotted module path) of the standard SD LoRA targets.

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from dreambooth_jax import safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io
 
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 PEFT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder."}

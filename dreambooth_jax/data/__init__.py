@@ -1,0 +1,1 @@
+"""Images -> training batches: decoding, class images (prior preservation), global batches."""

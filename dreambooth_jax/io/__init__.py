@@ -1,0 +1,1 @@
+"""File formats: safetensors, diffusers folders, single files, LoRA files, tokenizers."""

@@ -1,0 +1,1 @@
+"""The train step, optimizer, checkpoints, memory plan, metrics and the run loop."""
