@@ -36,14 +36,15 @@ def du(path: pathlib.Path) -> int:
 
 
 def tiny_runs() -> dict:
-  from dreambooth_jax import config_files, train  # noqa: PLC0415
+  from dreambooth_jax import config_files
+  from dreambooth_jax.training import run, run_state  # noqa: PLC0415
   out = {}
   for name in ("full", "lora"):
     config = config_files.load(ROOT / "configs" / "tiny.py", "lora" if name == "lora" else None)
     config.max_train_steps, config.checkpointing_steps, config.validation_steps = 2, 2, 0
     config.with_prior_preservation, config.export_at_end = False, False
     workdir = pathlib.Path(tempfile.mkdtemp()) / name
-    train.train(config, workdir)
+    run.train(config, workdir)
     out[name] = du(workdir / "checkpoints")
   return out
 

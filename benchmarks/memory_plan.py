@@ -56,10 +56,10 @@ def main():
   p.add_argument("--batch", type=int, default=1, help="instance images (+ as many class images)")
   p.add_argument("--variants", default=",".join(VARIANTS))
   args = p.parse_args()
-  from dreambooth_jax import train  # noqa: PLC0415
+  from dreambooth_jax.training import run, run_state  # noqa: PLC0415
   rows = []
   for name in args.variants.split(","):
-    step = train.dry_run(config_for(args.model, args.resolution, args.batch, VARIANTS[name]))
+    step = run.dry_run(config_for(args.model, args.resolution, args.batch, VARIANTS[name]))
     m = step.memory
     rows.append({"variant": name, "params_gib": m.params / 2**30, "optimizer_gib": m.optimizer / 2**30,
                  "frozen_gib": m.frozen / 2**30, "temporaries_gib": m.temporaries / 2**30,

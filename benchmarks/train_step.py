@@ -74,11 +74,12 @@ def make_config(args):
 
 
 def ours(args) -> dict:
-  from dreambooth_jax import sharding, train  # noqa: PLC0415
+  from dreambooth_jax import sharding
+  from dreambooth_jax.training import run, run_state  # noqa: PLC0415
   config = make_config(args)
   devices = jax.devices()[:args.devices] if args.devices else None
   mesh = sharding.make_mesh(args.data, args.fsdp, devices=devices)
-  job = train.setup(config, pathlib.Path(tempfile.mkdtemp()) / "run", mesh=mesh)
+  job = run.setup(config, pathlib.Path(tempfile.mkdtemp()) / "run", mesh=mesh)
   state = job.state
   batches = [job.data.next_batch() for _ in range(2)]
   for i in range(args.warmup):

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dreambooth_jax import sharding
 from dreambooth_jax.sampling import sampler as sampling
-from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax.io import diffusers_folder
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   if bool(prompt) == bool(prompts_file):
@@ -49,7 +49,7 @@ def main(argv):
                            f"({len(all_prompts)}, C, H/8, W/8)")
     init = init.transpose(0, 2, 3, 1)
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
-  sd = weights.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
+  pipe = diffusers_folder.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
   mesh = sharding.make_mesh()
   settings = sampling.SamplerSettings(steps=f.steps, guidance=f.guidance, eta=f.eta, height=f.height,
                                       width=f.width)
@@ -57,7 +57,7 @@ def main(argv):
   out.mkdir(parents=True, exist_ok=True)
   index, start, first_batch = [], time.perf_counter(), None
   with tqdm(total=len(all_prompts), desc="sampling", unit="img") as bar:
-    for indices, images in sampling.generate_all(sd, all_prompts, seed=f.seed, batch_size=f.batch_size,
+    for indices, images in sampling.generate_all(pipe, all_prompts, seed=f.seed, batch_size=f.batch_size,
                                                  settings=settings, negative_prompt=f.negative_prompt,
                                                  init_latents_BHWC=init, mesh=mesh):
       first_batch = first_batch or time.perf_counter() - start

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from reference_models import to_numpy
+from dreambooth_jax import families
 from dreambooth_jax.io import diffusers_folder as weights
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def test_full_size_components_match_the_references(name, tmp_path):
     want = to_numpy(unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t),
                          torch.from_numpy(context)).sample).transpose(0, 2, 3, 1)
   del unet
-  ours, _ = weights.load_component(tmp_path, "unet", dtype=jnp.float32)
+  ours, _ = weights.load_component(tmp_path, families.get("sd"), "unet", dtype=jnp.float32)
   close(ours(x, t.astype(np.int32), context), want)
   del ours
 
@@ -57,7 +58,7 @@ def test_full_size_components_match_the_references(name, tmp_path):
   with torch.no_grad():
     want = to_numpy(text(torch.from_numpy(ids)).last_hidden_state)
   del text
-  ours, _ = weights.load_component(tmp_path, "text_encoder")
+  ours, _ = weights.load_component(tmp_path, families.get("sd"), "text_encoder")
   close(ours(ids.astype(np.int32))[0], want)
   del ours
 
@@ -68,7 +69,7 @@ def test_full_size_components_match_the_references(name, tmp_path):
     posterior = vae.encode(torch.from_numpy(pixels.transpose(0, 3, 1, 2))).latent_dist
     want_mean = to_numpy(posterior.mean).transpose(0, 2, 3, 1)
     want_decoded = to_numpy(vae.decode(posterior.mean).sample).transpose(0, 2, 3, 1)
-  ours, _ = weights.load_component(tmp_path, "vae")
+  ours, _ = weights.load_component(tmp_path, families.get("sd"), "vae")
   mean, _ = ours.encode(pixels)
   close(mean, want_mean)
   close(ours.decode(jnp.asarray(want_mean)), want_decoded)

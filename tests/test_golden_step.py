@@ -47,19 +47,20 @@ def pixels(n, seed):
 def run_step(config, *, prediction_type=None, accum=1, cached=True):
   """One train step through the trainer's own model building and AOT compile, on a fixed batch of
   2 instance + 2 class examples split into `accum` micro-batches of (1 + 1) or one of (2 + 2)."""
-  from dreambooth_jax import sharding, train
+  from dreambooth_jax import sharding
+  from dreambooth_jax.training import run, run_state
   from dreambooth_jax.training import step as train_step_lib
   from dreambooth_jax.sampling import schedules as schedule_lib
   from dreambooth_jax.io.tokenizers import tokenize
 
   config.gradient_accumulation_steps = accum
   config.train_batch_size = 2 // accum
-  sd = train.load_model(config)
+  sd = run_state.load_model(config)
   if prediction_type:
     sd.schedule = schedule_lib.schedule_from_config({**sd.configs["scheduler"], "prediction_type": prediction_type})
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
-  graphdefs, params, frozen = train.trainable_state(sd, config)
-  step = train.compile_step(config, sd, graphdefs, params, frozen, mesh)
+  graphdefs, params, frozen = run_state.trainable_state(sd, config)
+  step = run.compile_step(config, sd, graphdefs, params, frozen, mesh)
 
   # Global example order: instance 0, 1, class 0, 1; micro-batch a takes instance a and class a.
   pix = np.concatenate([pixels(2, 0), pixels(2, 1)])

@@ -15,6 +15,7 @@ from flax import nnx
 
 from reference_models import to_numpy
 from dreambooth_jax.models import lora
+from dreambooth_jax import families
 from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.io import lora_files as kohya
 
@@ -117,7 +118,7 @@ def test_merge_equals_unmerged(case):
   for name in want:
     assert_close(got[name], want[name])
   # The merged model saves with exactly the base keys.
-  assert weights.module_state_dict(unet).keys() == lora.base_state_dict(sd.unet).keys()
+  assert weights.module_state_dict(unet).keys() == weights.state_to_torch_dict(lora.base_state(sd.unet)).keys()
 
 
 def test_factors_round_trip_and_errors(case):
@@ -167,7 +168,7 @@ def test_gradients_only_for_lora_params(case):
 
 def test_gradients_at_init_reach_up_not_down(tiny_sd1_dir):
   """At init (up = 0) only the up factors get gradient, as in PEFT."""
-  text_encoder, _ = weights.load_component(tiny_sd1_dir, "text_encoder")
+  text_encoder, _ = weights.load_component(tiny_sd1_dir, families.get("sd"), "text_encoder")
   lora.apply_lora(text_encoder, lora.LoRASettings(rank=2), rngs=nnx.Rngs(0))
   graphdef, params, rest = lora.split_lora(text_encoder)
   ids = np.arange(77, dtype=np.int32)[None] % 300
@@ -180,7 +181,7 @@ def test_gradients_at_init_reach_up_not_down(tiny_sd1_dir):
 
 
 def test_dropout_is_a_function_of_the_key(tiny_sd1_dir):
-  text_encoder, _ = weights.load_component(tiny_sd1_dir, "text_encoder")
+  text_encoder, _ = weights.load_component(tiny_sd1_dir, families.get("sd"), "text_encoder")
   lora.apply_lora(text_encoder, lora.LoRASettings(rank=2, dropout=0.5, init="gaussian"), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(0)
   lora.load_lora_factors(text_encoder, {path: (rng.normal(0, 0.5, (2, n.in_features)).astype(np.float32),
@@ -206,8 +207,8 @@ def test_settings_from_config(tiny_sd1_dir):
   import ml_collections
 
   s = lora.settings_from_config(ml_collections.ConfigDict(dict(rank=8, alpha=16, feed_forward=True, text_encoder=True)))
-  assert s.scale == 2.0 and s.train_text_encoder and s.targets("unet")[-2:] == lora.UNET_FEED_FORWARD
-  assert s.targets("text_encoder") == lora.TEXT_ATTENTION
+  assert s.scale == 2.0 and s.train_text_encoder and s.targets("denoiser")[-2:] == lora.UNET_FEED_FORWARD
+  assert s.targets("text") == lora.TEXT_ATTENTION
   assert lora.settings_from_config({"rank": 4}).scale == 1.0
   with pytest.raises(ValueError, match=r"unknown keys \['ranks'\]"):
     lora.settings_from_config({"ranks": 4})
@@ -215,6 +216,6 @@ def test_settings_from_config(tiny_sd1_dir):
     lora.LoRASettings(rank=0)
   with pytest.raises(ValueError, match=r"lora\.dropout = 1\.5"):
     lora.LoRASettings(dropout=1.5)
-  unet, _ = weights.load_component(tiny_sd1_dir, "unet")
-  with pytest.raises(ValueError, match=r"unet: no nnx\.Linear matches the LoRA targets \['to_z'\]"):
+  unet, _ = weights.load_component(tiny_sd1_dir, families.get("sd"), "unet")
+  with pytest.raises(ValueError, match=r"denoiser: no nnx\.Linear matches the LoRA targets \['to_z'\]"):
     lora.apply_lora(unet, lora.LoRASettings(unet_targets=("to_z",)), rngs=nnx.Rngs(0))

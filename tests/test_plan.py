@@ -5,14 +5,16 @@ import jax
 import pytest
 
 from test_train import fast_config
-from dreambooth_jax import sharding, train
+from dreambooth_jax import sharding
+from dreambooth_jax.data import batches
+from dreambooth_jax.training import run, run_state
 from dreambooth_jax.training import plan
 from dreambooth_jax.data import batches as train_data
 from dreambooth_jax.io import diffusers_folder as weights
 
 
 def dry(*overrides):
-  return train.dry_run(fast_config("with_prior_preservation=False", *overrides))
+  return run.dry_run(fast_config("with_prior_preservation=False", *overrides))
 
 
 def test_batch_spec_matches_real_batches(tmp_path):
@@ -20,10 +22,10 @@ def test_batch_spec_matches_real_batches(tmp_path):
   sd = weights.random_pipeline()
   mesh = sharding.make_mesh(1, 1, devices=jax.devices()[:1])
   batch = train_data.TrainData(config, sd, mesh, tmp_path).next_batch()
-  spec = plan.batch_spec(config, sd, mesh)
+  spec = batches.batch_spec(config, sd, mesh)
   assert {k: (v.shape, v.dtype) for k, v in batch.items()} == {k: (v.shape, v.dtype) for k, v in spec.items()}
   config = fast_config("cache_latents=False")  # pixels and token ids instead of latents and embeddings
-  assert set(plan.batch_spec(config, sd, mesh)) == {"prior", "slot", "pixels", "ids"}
+  assert set(batches.batch_spec(config, sd, mesh)) == {"prior", "slot", "pixels", "ids"}
 
 
 def test_plan_counts_the_trained_bytes_and_levers_shrink_them():
@@ -36,12 +38,12 @@ def test_plan_counts_the_trained_bytes_and_levers_shrink_them():
   assert low.memory.params == unet_bytes // 2 and low.memory.optimizer < 0.6 * base.memory.optimizer
   lora_config = fast_config("with_prior_preservation=False")
   lora_config.lora.enabled = True
-  lora = train.dry_run(lora_config)
+  lora = run.dry_run(lora_config)
   assert lora.memory.params < 0.2 * unet_bytes and lora.memory.frozen > unet_bytes  # the UNet base is frozen
 
 
 def test_run_refuses_a_config_that_cannot_fit(tmp_path):
   config = fast_config("device_memory_gib=0.001")
   with pytest.raises(MemoryError, match=r"(?s)needs about .* GiB per device.*remat=.*Levers"):
-    train.train(config, tmp_path / "run")
+    run.train(config, tmp_path / "run")
   assert not (tmp_path / "run" / "class_images").exists()  # refused before generating anything

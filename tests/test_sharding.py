@@ -44,7 +44,8 @@ import json, shutil, sys, tempfile, pathlib
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
 from test_train import fast_config
-from dreambooth_jax import sharding, train
+from dreambooth_jax import sharding
+from dreambooth_jax.training import run, run_state
 tmp = pathlib.Path(tempfile.mkdtemp())
 # Photos as the class images (prior preservation on, no sampler compile): the test is about the train step.
 shutil.copytree(pathlib.Path({tests!r}).parent / "dreambooth_jax" / "assets" / "dog", tmp / "class")
@@ -52,7 +53,7 @@ config = fast_config("train_batch_size=4", f"class_data_dir={{tmp / 'class'}}")
 out = {{}}
 for data, fsdp in [(1, 1), (8, 1), (2, 4), (1, 8)]:
   devices = jax.devices()[:data * fsdp]
-  job = train.setup(config, tmp / f"{{data}}x{{fsdp}}", mesh=sharding.make_mesh(data, fsdp, devices=devices))
+  job = run.setup(config, tmp / f"{{data}}x{{fsdp}}", mesh=sharding.make_mesh(data, fsdp, devices=devices))
   state, losses = job.state, []
   for _ in range(3):
     state, metrics = job.step_fn(state, job.data.next_batch(), job.rng, job.frozen)
@@ -89,11 +90,13 @@ from dreambooth_jax import distributed
 distributed.initialize()
 import jax, numpy as np
 from test_train import fast_config
-from dreambooth_jax import checkpoint, sharding, train
+from dreambooth_jax import sharding
+from dreambooth_jax.training import checkpoint
+from dreambooth_jax.training import run, run_state
 workdir = pathlib.Path({workdir!r})
 config = fast_config("train_batch_size=4", "max_train_steps=3", "checkpointing_steps=3", "validation_steps=0",
                      "export_at_end=False", "mesh_data=1", "mesh_fsdp=4", "with_prior_preservation=False")
-job = train.train(config, workdir)
+job = run.train(config, workdir)
 params = sharding.to_host(job.state["params"])
 step, state, side = checkpoint.restore(job.mgr, None, checkpoint.abstract_like(job.state, job.state_shardings))
 restored = sharding.to_host(state["params"])

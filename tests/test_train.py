@@ -46,9 +46,9 @@ def read_losses(workdir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   """One uninterrupted tiny run (in process), shared by several tests."""
-  from dreambooth_jax import train
+  from dreambooth_jax.training import run, run_state
   workdir = tmp_path_factory.mktemp("full") / "run"
-  train.train(fast_config(), workdir)
+  run.train(fast_config(), workdir)
   return workdir
 
 
@@ -142,18 +142,18 @@ def test_sigterm_and_kill_9_then_resume_give_identical_losses(full_run, tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  from dreambooth_jax import train
+  from dreambooth_jax.training import run, run_state
   config = fast_config("learning_rate=1e30", "checkpointing_steps=1", "max_grad_norm=0.0",
                        "with_prior_preservation=False", "validation_steps=0", "cache_latents=False")
   with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+)") as info:
-    train.train(config, tmp_path / "run")
+    run.train(config, tmp_path / "run")
   bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and max(saved) == bad_step - 1
 
 
 def test_bad_instance_images_stop_before_training(tmp_path):
-  from dreambooth_jax import train
+  from dreambooth_jax.training import run, run_state
   images = tmp_path / "images"
   images.mkdir()
   from PIL import Image
@@ -162,7 +162,7 @@ def test_bad_instance_images_stop_before_training(tmp_path):
   (images / "empty.png").write_bytes(b"")
   config = fast_config(f"instance_data_dir={images}", "with_prior_preservation=False")
   with pytest.raises(ValueError, match=r"(?s)broken\.jpg.*empty\.png|empty\.png.*broken\.jpg"):
-    train.train(config, tmp_path / "run")
+    run.train(config, tmp_path / "run")
   assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
 
 

@@ -14,7 +14,7 @@ from test_train import fast_config
 def test_eval_steps_record_and_keep_the_best_checkpoint(tmp_path, models):  # noqa: F811
   import safetensors.torch
 
-  from dreambooth_jax import train
+  from dreambooth_jax.training import run, run_state
   from lpips_reference import random_backbone_model
   safetensors.torch.save_model(random_backbone_model("alex"), str(tmp_path / "lpips_alex.safetensors"))
   config = fast_config("max_train_steps=6", "checkpointing_steps=100", "checkpoints_total_limit=1",
@@ -23,7 +23,7 @@ def test_eval_steps_record_and_keep_the_best_checkpoint(tmp_path, models):  # no
                        f"eval_dino_model={models[0] / 'dino'}", f"eval_clip_model={models[0] / 'clip'}",
                        f"eval_lpips_model={tmp_path / 'lpips_alex.safetensors'}")
   workdir = tmp_path / "run"
-  train.train(config, workdir)
+  run.train(config, workdir)
   records = [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == [2, 4, 6]
   assert all(-1 <= r[k] <= 1 for r in records for k in ("dino", "clip_i", "clip_t"))

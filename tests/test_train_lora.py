@@ -25,9 +25,9 @@ def lora_config(*overrides):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-  from dreambooth_jax import train
+  from dreambooth_jax.training import run, run_state
   workdir = tmp_path_factory.mktemp("lora") / "run"
-  train.train(lora_config(), workdir)
+  run.train(lora_config(), workdir)
   return workdir
 
 
@@ -64,23 +64,24 @@ def _leaves(tree):
 
 
 def test_lora_resume_repeats_the_losses(lora_run, tmp_path):
-  from dreambooth_jax import train
+  from dreambooth_jax.training import run, run_state
   workdir = tmp_path / "run"
   shutil.copytree(lora_run, workdir)
   shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if killed after step 10's checkpoint
   (workdir / "export").exists() and shutil.rmtree(workdir / "export")
-  train.train(lora_config(), workdir)
+  run.train(lora_config(), workdir)
   assert read_losses(workdir) == read_losses(lora_run)
 
 
 def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
   import torch
   from diffusers import StableDiffusionPipeline
-  from dreambooth_jax import export
+  from dreambooth_jax.io import export as export_lib
+  from dreambooth_jax.training import run_state
   from dreambooth_jax.models import lora
   from dreambooth_jax.io import diffusers_folder as weights
 
-  config, view, step = export.load_run(lora_run, None)
+  config, view, step = run_state.load_run(lora_run, None)
   assert step == STEPS and lora.lora_modules(view.unet)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((1, 4, 4, 4)).astype(np.float32)
@@ -117,20 +118,21 @@ def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
   # Merged full model, as a diffusers folder; without --merge_lora a clear refusal.
   out = tmp_path / "merged"
   with pytest.raises(ValueError, match="--merge_lora"):
-    export.export(view, config, out, "diffusers")
-  export.export(view, config, out, "diffusers", merge_lora=True)
+    export_lib.export(view, config, out, "diffusers")
+  export_lib.export(view, config, out, "diffusers", merge_lora=True)
   merged = StableDiffusionPipeline.from_pretrained(out)
   assert np.abs(torch_unet(merged) - ours).max() <= 1e-4 * max(1.0, np.abs(ours).max())
   # Single file with the LoRA merged: our importer reads it back (configs from the merged folder).
-  single = export.export(view, config, tmp_path / "model.safetensors", "single_file", merge_lora=True,
+  single = export_lib.export(view, config, tmp_path / "model.safetensors", "single_file", merge_lora=True,
                          dtype="float32")
   again = weights.load_or_init_pipeline(single, single_file_config=str(out))
   np.testing.assert_allclose(np.asarray(again.unet(x, t, context)), ours, atol=1e-4 * max(1.0, np.abs(ours).max()))
 
 
 def test_full_run_refuses_lora_export(tmp_path):
-  from dreambooth_jax import export
+  from dreambooth_jax.io import export as export_lib
+  from dreambooth_jax.training import run_state
   from dreambooth_jax.io import diffusers_folder as weights
   config = lora_config()
   with pytest.raises(ValueError, match="trained the full model"):
-    export.export(weights.random_pipeline(), config, tmp_path / "x.safetensors", "lora_kohya")
+    export_lib.export(weights.random_pipeline(), config, tmp_path / "x.safetensors", "lora_kohya")

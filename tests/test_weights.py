@@ -9,6 +9,7 @@ import torch
 
 from reference_models import to_numpy
 from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax import families
 from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.io.safetensors import CheckpointError
 
@@ -47,9 +48,9 @@ def test_text_encoder_keys_with_and_without_prefix(tiny_sd1_dir, tmp_path):
   path = model / "text_encoder" / "model.safetensors"
   tensors = {k: np.array(v) for k, v in safetensors_io.load_file(path).items()}
   assert not any(k.startswith("text_model.") for k in tensors)  # transformers 5 writes them bare
-  bare, _ = weights.load_component(model, "text_encoder")
+  bare, _ = weights.load_component(model, families.get("sd"), "text_encoder")
   safetensors_io.save_file({f"text_model.{k}": v for k, v in tensors.items()}, path)  # as hub checkpoints
-  prefixed, _ = weights.load_component(model, "text_encoder")
+  prefixed, _ = weights.load_component(model, families.get("sd"), "text_encoder")
   ids = np.arange(77, dtype=np.int32)[None] % 100
   np.testing.assert_array_equal(np.asarray(bare(ids)[0]), np.asarray(prefixed(ids)[0]))
 

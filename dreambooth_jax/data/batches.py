@@ -16,13 +16,12 @@ from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
 from dreambooth_jax.data import images as data_lib
-from dreambooth_jax.io.tokenizers import tokenize
 
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
 
 def trains_text_encoder(config) -> bool:
-  """Whether the text encoder gets gradients: fully (train_text_encoder) or through LoRA factors."""
+  """Whether the text encoders get gradients: fully (train_text_encoder) or through LoRA factors."""
   lora = config.get("lora")
   return bool(config.train_text_encoder or (lora and lora.get("enabled") and lora.get("text_encoder")))
 
@@ -34,8 +33,44 @@ def caches_latents(config) -> bool:
 
 
 def caches_text(config) -> bool:
-  """Text embeddings are computed once when the text encoder is frozen (and caching is on)."""
+  """Text embeddings are computed once when the text encoders are frozen (and caching is on)."""
   return bool(config.cache_latents) and not trains_text_encoder(config)
+
+
+def global_batch_size(config) -> int:
+  """Examples per micro-batch over all processes: the instance examples, and as many class examples."""
+  return config.train_batch_size * (2 if config.with_prior_preservation else 1)
+
+
+def batch_schema(config, pipe) -> dict:
+  """The one definition of a micro-batch: {key: (per-example shape, dtype)}. TrainData yields these keys (with
+  leading (accumulation, example) axes), the memory plan and the AOT compile build abstract batches from it, and
+  the train step reads them.
+
+    prior (), slot ()                      class-example flag; position in the step's batch (the noise key)
+    latent_mean, latent_std (h, w, C)      the frozen VAE's cached posterior  | pixels (H, W, 3) in [-1, 1]
+    the family's TEXT_KEYS (cached)        | its ID_KEYS (token ids, when a text encoder runs in the step)
+    the family's image conditioning        (SDXL's time ids)
+  """
+  family, res = pipe.family, config.resolution
+  factor = family.latent_factor(pipe.configs)
+  schema = {"prior": ((), jnp.float32), "slot": ((), jnp.int32)}
+  if caches_latents(config):
+    latent = (res // factor, res // factor, pipe.configs["vae"]["latent_channels"])
+    schema.update(latent_mean=(latent, jnp.float32), latent_std=(latent, jnp.float32))
+  else:
+    schema["pixels"] = ((res, res, 3), jnp.float32)
+  schema.update(family.text_spec(pipe) if caches_text(config) else family.ids_spec(pipe))
+  schema.update(family.image_conditioning_spec(pipe))
+  return schema
+
+
+def batch_spec(config, pipe, mesh) -> dict:
+  """ShapeDtypeStructs (with shardings) of the batches TrainData.next_batch yields for this config."""
+  accum, batch = config.gradient_accumulation_steps, global_batch_size(config)
+  sharding = sharding_lib.accumulation_batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct((accum, batch, *shape), dtype, sharding=sharding)
+          for k, (shape, dtype) in batch_schema(config, pipe).items()}
 
 
 @nnx.jit
@@ -43,20 +78,20 @@ def _encode(vae, pixels_BHWC):
   return vae.encode(pixels_BHWC)
 
 
-@nnx.jit
-def _embed(text_encoder, ids_BT):
-  return text_encoder(ids_BT)[0].astype(jnp.float32)
+@nnx.jit(static_argnums=0)
+def _encode_text(family, modules, ids):
+  return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
 
 
 class TrainData:
-  def __init__(self, config, sd, mesh, workdir: pathlib.Path):
+  def __init__(self, config, pipe, mesh, workdir: pathlib.Path):
     self.config, self.mesh = config, mesh
     processes, index = jax.process_count(), jax.process_index()
     if config.train_batch_size % processes:
       raise ValueError(f"train_batch_size={config.train_batch_size} must be a multiple of the process count "
                        f"({processes})")
     self.with_prior = bool(config.with_prior_preservation)
-    self.global_batch_size = config.train_batch_size * (2 if self.with_prior else 1)
+    self.global_batch_size = global_batch_size(config)
     if self.global_batch_size % mesh.devices.size:
       raise ValueError(
           f"the global batch ({self.global_batch_size} examples: train_batch_size={config.train_batch_size}"
@@ -77,17 +112,19 @@ class TrainData:
         for k, (name, images) in enumerate(self.sets.items())}
     logging.info("training on %s", {k: len(v.paths) for k, v in self.sets.items()})
 
+    self.schema = batch_schema(config, pipe)
     self.latents = None
     if caches_latents(config):
-      self.latents = {name: self._cache_latents(sd.vae, images) for name, images in self.sets.items()}
+      self.latents = {name: self._cache_latents(pipe.vae, images) for name, images in self.sets.items()}
     self.caches_text = caches_text(config)
-    self.tokenizer = sd.tokenizer
-    if self.caches_text:
+    self.family, self.tokenizers = pipe.family, pipe.tokenizers
+    if self.caches_text:  # the encoded text of each distinct caption, one table row per caption
       captions = sorted({c for images in self.sets.values() for c in images.captions})
       self.caption_rows = {c: i for i, c in enumerate(captions)}
-      self.context_table = np.concatenate([
-          np.asarray(_embed(sd.text_encoder, tokenize(sd.tokenizer, captions[i:i + 16])))
-          for i in range(0, len(captions), 16)])
+      encoders = {name: pipe.modules[name] for name in pipe.family.TEXT_ENCODERS}
+      chunks = [_encode_text(pipe.family, encoders, self.family.tokenize(self.tokenizers, captions[i:i + 16]))
+                for i in range(0, len(captions), 16)]
+      self.text_table = {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in self.family.TEXT_KEYS}
 
   def _cache_latents(self, vae, images) -> dict:
     """Posterior mean/std per (image, flip): arrays (N, 2, h, w, C)."""
@@ -115,11 +152,15 @@ class TrainData:
       else:
         part["pixels"] = example["pixels_BHWC"]
       if self.caches_text:
-        part["context"] = self.context_table[[self.caption_rows[c] for c in example["caption_B"]]]
+        rows = [self.caption_rows[c] for c in example["caption_B"]]
+        part.update({k: table[rows] for k, table in self.text_table.items()})
       else:
-        part["ids"] = tokenize(self.tokenizer, list(example["caption_B"]))
+        part.update(self.family.tokenize(self.tokenizers, list(example["caption_B"])))
       parts.append(part)
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if set(batch) != set(self.schema):  # one schema: what the step was compiled for
+      raise AssertionError(f"batch keys {sorted(batch)} differ from the schema {sorted(self.schema)}")
+    return batch
 
   def next_batch(self) -> dict:
     micro = [self._local_micro_batch(a) for a in range(self.config.gradient_accumulation_steps)]

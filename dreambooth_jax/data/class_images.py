@@ -39,7 +39,7 @@ def write_png(image, path: pathlib.Path):
   os.replace(tmp, path)
 
 
-def ensure_class_images(sd, class_dir, class_prompt: str, num_class_images: int, *, seed: int,
+def ensure_class_images(pipe, class_dir, class_prompt: str, num_class_images: int, *, seed: int,
                         settings: sampling.SamplerSettings, batch_size: int, mesh=None,
                         negative_prompt: str = "") -> int:
   """Generates the missing class images into class_dir; returns how many were generated."""
@@ -64,7 +64,7 @@ def ensure_class_images(sd, class_dir, class_prompt: str, num_class_images: int,
     record_path.write_text(json.dumps(record, indent=2))
   logging.info("generating %d class images for %r into %s", len(todo), class_prompt, class_dir)
   done = 0
-  for indices, images in sampling.generate_all(sd, [class_prompt] * len(todo), indices=todo, seed=seed,
+  for indices, images in sampling.generate_all(pipe, [class_prompt] * len(todo), indices=todo, seed=seed,
                                                batch_size=batch_size, settings=settings,
                                                negative_prompt=negative_prompt, mesh=mesh):
     if primary:  # one writer; every process computed its shard of the batch

@@ -75,7 +75,7 @@ def generate_prompts(view, prompts: list[str], out: pathlib.Path, *, images_per_
                      settings, batch_size: int, mesh=None) -> pathlib.Path:
   """images_per_prompt images per prompt into out/ with index.json (the sampler's layout); images already there
   (same index) are kept, so an interrupted generation resumes."""
-  from dreambooth_jax.data import class_images as prior
+  from dreambooth_jax.data import class_images  # noqa: PLC0415
   from dreambooth_jax.sampling import sampler as sampling  # noqa: PLC0415
 
   out.mkdir(parents=True, exist_ok=True)
@@ -86,7 +86,7 @@ def generate_prompts(view, prompts: list[str], out: pathlib.Path, *, images_per_
     for indices, images in sampling.generate_all(view, [e["prompt"] for e in todo], indices=[e["index"] for e in todo],
                                                  seed=seed, batch_size=batch_size, settings=settings, mesh=mesh):
       for i, image in zip(indices, images):
-        prior.write_png(image, out / entries[i]["file"])
+        class_images.write_png(image, out / entries[i]["file"])
   (out / "index.json").write_text(json.dumps({"settings": {**dataclasses.asdict(settings), "seed": seed},
                                               "images": entries}, indent=2))
   return out
@@ -122,9 +122,9 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
         images_per_prompt: int = 4, prompts_limit: int = 0, workdirs: dict | None = None, method: str = "dreambooth_jax",
         sample_steps: int = 50, guidance: float = 7.5, batch_size: int = 8, lpips_model=None,
         lpips_net: str = "alex", pres_images: int = 0) -> dict:
-  from dreambooth_jax import evaluate, export, train
-  from dreambooth_jax.training import checkpoint
+  from dreambooth_jax import evaluate  # noqa: PLC0415 (heavy imports only when the protocol runs)
   from dreambooth_jax.sampling import sampler as sampling  # noqa: PLC0415
+  from dreambooth_jax.training import checkpoint, run as run_lib, run_state  # noqa: PLC0415
 
   dataset, out = pathlib.Path(dataset), pathlib.Path(out)
   classes, templates = read_prompts_and_classes(dataset / "prompts_and_classes.txt")
@@ -150,8 +150,8 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
     config = subject_config(base_config, dataset, subject, classes[subject], token, out)
     workdir = pathlib.Path((workdirs or {}).get(subject) or sub_out / "run")
     if subject not in (workdirs or {}) and checkpoint.manager(workdir, None).latest_step() != config.max_train_steps:
-      train.train(config, workdir)  # resumes from its checkpoint if interrupted
-    _, view, step = export.load_run(workdir, None)
+      run_lib.train(config, workdir)  # resumes from its checkpoint if interrupted
+    _, view, step = run_state.load_run(workdir, None)
     prompts = subject_prompts(classes[subject], templates, token, prompts_limit)
     settings = sampling.SamplerSettings(steps=sample_steps, guidance=guidance, height=config.resolution,
                                         width=config.resolution)

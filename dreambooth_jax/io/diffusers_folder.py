@@ -5,26 +5,22 @@ Our parameter paths equal the torch state-dict keys (see models/layers.py), so c
   `<path>.scale` (norms) and `<path>.embedding` (embeddings) <- `<path>.weight`;  `<path>.bias` <- `.bias`.
 """
 
-import dataclasses
 import functools
 import json
 import os
 import pathlib
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dreambooth_jax import families
+from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import safetensors as safetensors_io
-from dreambooth_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
-from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
 from dreambooth_jax.io.safetensors import CheckpointError
 
-COMPONENTS = ("unet", "vae", "text_encoder")
-WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")
 # Old VAE checkpoints name the mid-block attention like this; diffusers renames them on load too.
@@ -51,15 +47,15 @@ def to_torch_layout(path: tuple, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def normalize_keys(state_dict: dict, component: str) -> dict:
+def normalize_keys(state_dict: dict, role: str) -> dict:
   """Accepts the key spellings found in the wild: CLIP with/without `text_model.`, deprecated VAE attention."""
   out = {}
   for key, value in state_dict.items():
     if key in IGNORED_KEYS:
       continue
-    if component == "text_encoder" and key.startswith("text_model."):
+    if role == "text" and key.startswith("text_model."):
       key = key[len("text_model."):]
-    if component == "vae" and ".attentions." in key:
+    if role == "vae" and ".attentions." in key:
       head, name, leaf = key.rsplit(".", 2)
       if name in DEPRECATED_VAE_ATTENTION:
         key = f"{head}.{DEPRECATED_VAE_ATTENTION[name]}.{leaf}"
@@ -111,14 +107,28 @@ def load_module(make: Callable[[], nnx.Module], state_dict: dict, *, where: str,
 
 # ----------------------------------------------------------------------------------------------- folders
 
-def resolve_model_dir(name_or_path: str | os.PathLike) -> pathlib.Path:
-  """A local diffusers folder as is; otherwise a hub id fetched with huggingface_hub (needs a network)."""
+def resolve_model_dir(name_or_path: str | os.PathLike, variant: str | None = None) -> pathlib.Path:
+  """A local diffusers folder as is; otherwise a hub id fetched with huggingface_hub (needs a network): first its
+  model_index.json, then only what its family's components need (configs, tokenizers, the weight files of the
+  chosen variant), not every checkpoint the repository holds."""
   path = pathlib.Path(name_or_path).expanduser()
   if path.exists():
     if not (path / "model_index.json").is_file():
       raise CheckpointError(f"{path}: not a diffusers model folder (no model_index.json)")
     return path
-  return fetch_from_hub(name_or_path, "", ["*.json", "*.txt", "*.safetensors", "tokenizer/*"])
+  index_dir = fetch_from_hub(name_or_path, "", ["model_index.json"])
+  family = families.for_model_index(read_json(index_dir / "model_index.json"), str(name_or_path))
+  return fetch_from_hub(name_or_path, "", hub_patterns(family, variant))
+
+
+def hub_patterns(family, variant: str | None) -> list[str]:
+  """The files of a hub repository that a pipeline of this family (and variant) is loaded from."""
+  patterns = ["model_index.json", "scheduler/*", *(f"{t}/*" for t in family.TOKENIZERS)]
+  for name, component in family.COMPONENTS.items():
+    stem = f"{name}/{component.weight_stem}" + (f".{variant}" if variant else "")
+    patterns += [f"{name}/config.json", f"{stem}.safetensors", f"{stem}.safetensors.index.json",
+                 f"{name}/{component.weight_stem}-*-of-*{f'.{variant}' if variant else ''}.safetensors"]
+  return patterns
 
 
 def fetch_from_hub(name_or_path, what: str, allow_patterns: list[str]) -> pathlib.Path:
@@ -165,67 +175,63 @@ def weight_files(folder: pathlib.Path, stem: str, variant: str | None) -> list[p
   raise CheckpointError(f"{folder}: no {stem}.safetensors (or sharded index, or fp16 variant) found")
 
 
-def read_component_weights(model_dir: pathlib.Path, component: str, variant: str | None = None) -> dict:
+def read_component_weights(model_dir: pathlib.Path, family, component: str, variant: str | None = None) -> dict:
+  spec = family.COMPONENTS[component]
   tensors = {}
-  for f in weight_files(model_dir / component, WEIGHT_NAMES[component], variant):
+  for f in weight_files(model_dir / component, spec.weight_stem, variant):
     if not f.is_file():
       raise CheckpointError(f"{f}: listed in the shard index but missing")
     tensors.update(safetensors_io.load_file(f))
-  return normalize_keys(tensors, component)
+  return normalize_keys(tensors, spec.role)
 
 
-CONFIG_CLASSES = {"unet": UNetConfig, "vae": VAEConfig, "text_encoder": CLIPTextConfig}
-MODEL_CLASSES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
+def make_model(family, component: str, config, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
+               **kwargs):
+  return family.COMPONENTS[component].model_class(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
+                                                  **kwargs)
 
 
-def make_model(component: str, config, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32, **kwargs):
-  return MODEL_CLASSES[component](config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype, **kwargs)
+def component_kwargs(family, component: str, denoiser_kwargs: dict | None) -> dict:
+  """Build options (remat, attention) go to the denoiser only."""
+  return dict(denoiser_kwargs or {}) if family.COMPONENTS[component].role == "denoiser" else {}
 
 
-@dataclasses.dataclass
-class StableDiffusion:
-  """The components of a Stable Diffusion pipeline: NNX modules, their raw configs and the noise schedule."""
-
-  unet: Any
-  vae: Any
-  text_encoder: Any
-  tokenizer: Any
-  schedule: Any
-  configs: dict  # raw config.json dicts per component, plus "scheduler" and "model_index"
-  model_dir: pathlib.Path | None = None
-
-
-def load_component(model_dir: pathlib.Path, component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
+def load_component(model_dir: pathlib.Path, family, component: str, *, dtype=jnp.float32, param_dtype=jnp.float32,
                    variant: str | None = None, **model_kwargs):
   raw = read_json(model_dir / component / "config.json")
-  config = CONFIG_CLASSES[component].from_dict(raw)
-  state_dict = read_component_weights(model_dir, component, variant)
-  module = load_module(lambda: make_model(component, config, dtype=dtype, param_dtype=param_dtype, **model_kwargs),
-                       state_dict, where=str(model_dir / component), param_dtype=param_dtype)
+  config = family.COMPONENTS[component].config_class.from_dict(raw)
+  state_dict = read_component_weights(model_dir, family, component, variant)
+  module = load_module(
+      lambda: make_model(family, component, config, dtype=dtype, param_dtype=param_dtype, **model_kwargs),
+      state_dict, where=str(model_dir / component), param_dtype=param_dtype)
   return module, raw
 
 
 def load_pipeline(name_or_path, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
-                  unet_kwargs: dict | None = None) -> StableDiffusion:
-  from dreambooth_jax.sampling import schedules as schedule
-  from dreambooth_jax.io import tokenizers as tokenizer  # noqa: PLC0415 (keep this module's import floor low)
+                  unet_kwargs: dict | None = None) -> Pipeline:
+  """A diffusers folder (or hub id) of any supported family; `unet_kwargs` are the denoiser's build options."""
+  from dreambooth_jax.io import tokenizers  # noqa: PLC0415 (keep this module's import floor low)
+  from dreambooth_jax.sampling import schedules  # noqa: PLC0415
 
-  model_dir = resolve_model_dir(name_or_path)
+  model_dir = resolve_model_dir(name_or_path, variant)
   index = read_json(model_dir / "model_index.json")
+  family = families.for_model_index(index, str(model_dir / "model_index.json"))
   configs, modules = {"model_index": index}, {}
-  for component in COMPONENTS:
+  for component in family.COMPONENTS:
+    if not (model_dir / component).is_dir():
+      raise CheckpointError(f"{model_dir}: the {family.NAME} component folder {component}/ is missing")
     modules[component], configs[component] = load_component(
-        model_dir, component, dtype=dtype, param_dtype=param_dtype, variant=variant,
-        **(unet_kwargs or {} if component == "unet" else {}))
+        model_dir, family, component, dtype=dtype, param_dtype=param_dtype, variant=variant,
+        **component_kwargs(family, component, unet_kwargs))
   configs["scheduler"] = read_json(model_dir / "scheduler" / "scheduler_config.json")
-  return StableDiffusion(**modules, tokenizer=tokenizer.load_tokenizer(model_dir / "tokenizer"),
-                         schedule=schedule.schedule_from_config(configs["scheduler"]), configs=configs,
-                         model_dir=model_dir)
+  return Pipeline(family=family, modules=modules,
+                  tokenizers={t: tokenizers.load_tokenizer(model_dir / t) for t in family.TOKENIZERS},
+                  schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=model_dir)
 
 
 # ----------------------------------------------------------------------------------------------- saving
 
-def save_component(module_or_state, raw_config: dict, out_dir: pathlib.Path, component: str,
+def save_component(module_or_state, raw_config: dict, out_dir: pathlib.Path, family, component: str,
                    dtype: str | None = None):
   """Writes config.json + safetensors with the original key names into out_dir/component."""
   folder = out_dir / component
@@ -234,31 +240,34 @@ def save_component(module_or_state, raw_config: dict, out_dir: pathlib.Path, com
     tensors = module_state_dict(module_or_state)
   else:
     tensors = state_to_torch_dict(module_or_state)
-  if component == "text_encoder":  # real hub checkpoints (and transformers 4.x) use the prefix
-    tensors = {f"text_model.{k}": v for k, v in tensors.items()}
+  spec = family.COMPONENTS[component]
+  if spec.role == "text":  # real hub checkpoints (and transformers 4.x) keep the transformer under `text_model.`
+    tensors = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in tensors.items()}
   if dtype is not None:
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   (folder / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True))
-  safetensors_io.save_file(tensors, folder / f"{WEIGHT_NAMES[component]}.safetensors",
-                           metadata={"format": "pt"})
+  safetensors_io.save_file(tensors, folder / f"{spec.weight_stem}.safetensors", metadata={"format": "pt"})
 
 
-def save_pipeline(sd: StableDiffusion, out_dir, *, replace: dict | None = None, dtype: str | None = None):
-  """A diffusers folder that StableDiffusionPipeline.from_pretrained loads. `replace` maps component -> module
-  or nnx.State to write instead of the pipeline's own (e.g. the trained UNet)."""
+def save_pipeline(pipe: Pipeline, out_dir, *, replace: dict | None = None, dtype: str | None = None):
+  """A diffusers folder that the family's diffusers pipeline class loads with from_pretrained. `replace` maps
+  component -> module or nnx.State to write instead of the pipeline's own (e.g. the trained UNet)."""
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   replace = replace or {}
-  for component in COMPONENTS:
-    save_component(replace.get(component, getattr(sd, component)), sd.configs[component], out_dir, component, dtype)
+  for component in pipe.family.COMPONENTS:
+    save_component(replace.get(component, pipe.modules[component]), pipe.configs[component], out_dir, pipe.family,
+                   component, dtype)
   (out_dir / "scheduler").mkdir(exist_ok=True)
-  (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(sd.configs["scheduler"], indent=2))
-  sd.tokenizer.save_pretrained(str(out_dir / "tokenizer"))
-  index = dict(sd.configs["model_index"])
+  (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps(pipe.configs["scheduler"], indent=2))
+  for name, tokenizer in pipe.tokenizers.items():
+    tokenizer.save_pretrained(str(out_dir / name))
+  index = dict(pipe.configs["model_index"])
   for key in ("safety_checker", "feature_extractor", "image_encoder"):  # not exported: drop, don't dangle
     if key in index:
       index[key] = [None, None]
-  index.setdefault("requires_safety_checker", False)
+  for key, value in pipe.family.MODEL_INDEX_DEFAULTS.items():
+    index.setdefault(key, value)
   (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
   return out_dir
 
@@ -267,38 +276,43 @@ TINY_MODEL = pathlib.Path(__file__).resolve().parents[1] / "assets" / "tiny-sd"
 
 
 def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
-                    unet_kwargs: dict | None = None, abstract: bool = False) -> StableDiffusion:
+                    unet_kwargs: dict | None = None, abstract: bool = False) -> Pipeline:
   """A pipeline with seeded random weights from a folder of config.json files only (the offline default).
-  abstract: every parameter a ShapeDtypeStruct (nnx.eval_shape), nothing allocated (memory planning)."""
-  from dreambooth_jax.sampling import schedules as schedule
-  from dreambooth_jax.io import tokenizers as tokenizer  # noqa: PLC0415
+  abstract: every parameter a ShapeDtypeStruct (nnx.eval_shape), nothing allocated (memory planning).
+  A tokenizer folder missing from config_dir is the bundled CLIP BPE."""
+  from dreambooth_jax.io import tokenizers  # noqa: PLC0415
+  from dreambooth_jax.sampling import schedules  # noqa: PLC0415
 
   config_dir = pathlib.Path(config_dir)
-  configs, modules = {"model_index": read_json(config_dir / "model_index.json")}, {}
-  for i, component in enumerate(COMPONENTS):
+  index = read_json(config_dir / "model_index.json")
+  family = families.for_model_index(index, str(config_dir / "model_index.json"))
+  configs, modules = {"model_index": index}, {}
+  for i, component in enumerate(family.COMPONENTS):
     configs[component] = read_json(config_dir / component / "config.json")
-    config = CONFIG_CLASSES[component].from_dict(configs[component])
-    make = functools.partial(make_model, component, config, seed=seed + i, dtype=dtype, param_dtype=param_dtype,
-                             **(unet_kwargs or {} if component == "unet" else {}))
+    config = family.COMPONENTS[component].config_class.from_dict(configs[component])
+    make = functools.partial(make_model, family, component, config, seed=seed + i, dtype=dtype,
+                             param_dtype=param_dtype, **component_kwargs(family, component, unet_kwargs))
     modules[component] = nnx.eval_shape(make) if abstract else make()
   configs["scheduler"] = read_json(config_dir / "scheduler" / "scheduler_config.json")
-  tok_dir = config_dir / "tokenizer" if (config_dir / "tokenizer").is_dir() else tokenizer.BUNDLED_TOKENIZER
-  return StableDiffusion(**modules, tokenizer=tokenizer.load_tokenizer(tok_dir),
-                         schedule=schedule.schedule_from_config(configs["scheduler"]), configs=configs,
-                         model_dir=None)
+  tokenizer_dirs = {t: config_dir / t if (config_dir / t).is_dir() else tokenizers.BUNDLED_TOKENIZER
+                    for t in family.TOKENIZERS}
+  return Pipeline(family=family, modules=modules,
+                  tokenizers={t: tokenizers.load_tokenizer(d) for t, d in tokenizer_dirs.items()},
+                  schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
 
 
-def load_or_init_pipeline(name_or_path, *, random_init: bool = False, seed: int = 0, **kwargs) -> StableDiffusion:
-  """A diffusers folder or hub id, or a single-file .safetensors checkpoint (original SD layout; its configs are
-  detected as SD1.5/SD2.1 or given by single_file_config: "sd15", "sd21" or a diffusers folder of config.json
-  files). `random_init` builds the model from the folder's configs with random weights (the tiny offline default)."""
+def load_or_init_pipeline(name_or_path, *, random_init: bool = False, seed: int = 0, **kwargs) -> Pipeline:
+  """A diffusers folder or hub id, or a single-file .safetensors checkpoint (original layout; its family and
+  configs detected from its keys, or given by single_file_config: a bundled name or a diffusers folder of
+  config.json files). `random_init` builds the model from the folder's configs with random weights (the tiny
+  offline default)."""
   if random_init:
     kwargs.pop("variant", None)  # no weight files are read
     kwargs.pop("single_file_config", None)
     return random_pipeline(name_or_path, seed=seed, **kwargs)
   single_file_config = kwargs.pop("single_file_config", "auto") or "auto"
   if pathlib.Path(str(name_or_path)).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-    from dreambooth_jax.io import single_file as single_file_io  # noqa: PLC0415 (single_file_io imports this module)
+    from dreambooth_jax.io import single_file  # noqa: PLC0415 (single_file imports this module)
     kwargs.pop("variant", None)
-    return single_file_io.load_single_file_pipeline(name_or_path, config=single_file_config, **kwargs)
+    return single_file.load_single_file_pipeline(name_or_path, config=single_file_config, **kwargs)
   return load_pipeline(name_or_path, **kwargs)

@@ -22,7 +22,6 @@ import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes
 
-from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.models.clip_text import CLIPTextModel
 
 # Module names (matched against the end of the dotted module path) of the standard SD LoRA targets.
@@ -31,6 +30,7 @@ UNET_FEED_FORWARD = ("ff.net.0.proj", "ff.net.2")
 TEXT_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_MLP = ("fc1", "fc2")
 INITS = ("kaiming", "gaussian")
+ROLES = ("denoiser", "text")  # the kinds of component LoRA goes on (a family's Component.role)
 
 
 class LoRAParam(nnx.Param):
@@ -65,10 +65,11 @@ class LoRASettings:
   def scale(self) -> float:
     return (self.rank if self.alpha is None else self.alpha) / self.rank
 
-  def targets(self, component: str) -> tuple:
-    if component not in ("unet", "text_encoder"):
-      raise ValueError(f"LoRA component {component!r}: expected 'unet' or 'text_encoder'")
-    return self.unet_targets if component == "unet" else self.text_targets
+  def targets(self, role: str) -> tuple:
+    """The module-name suffixes to wrap in a component of this role (its family's Component.role)."""
+    if role not in ROLES:
+      raise ValueError(f"LoRA role {role!r}: expected one of {list(ROLES)}")
+    return self.unet_targets if role == "denoiser" else self.text_targets
 
 
 def settings_from_config(config) -> LoRASettings:
@@ -157,15 +158,17 @@ def lora_modules(module: nnx.Module) -> dict[str, LoRALinear]:
   return {module_path(path): node for path, node in _find(module, LoRALinear)}
 
 
-def component_of(module: nnx.Module) -> str:
-  return "text_encoder" if isinstance(module, CLIPTextModel) else "unet"
+def role_of(module: nnx.Module) -> str:
+  return "text" if isinstance(module, CLIPTextModel) else "denoiser"
 
 
-def apply_lora(module: nnx.Module, settings: LoRASettings, *, rngs: nnx.Rngs,
+def apply_lora(module: nnx.Module, settings: LoRASettings, *, rngs: nnx.Rngs, role: str | None = None,
                component: str | None = None) -> list[str]:
-  """Wraps every nnx.Linear whose path ends in one of the component's targets; returns the wrapped paths."""
-  component = component or component_of(module)
-  targets = settings.targets(component)
+  """Wraps every nnx.Linear whose path ends in one of the role's targets; returns the wrapped paths.
+  component: the name used in messages (default: the role)."""
+  role = role or role_of(module)
+  component = component or role
+  targets = settings.targets(role)
   if lora_modules(module):
     raise ValueError(f"{component}: LoRA is already applied")
   found = [(path, node) for path, node in _find(module, nnx.Linear) if _matches(module_path(path), targets)]
@@ -193,9 +196,9 @@ def split_lora(module: nnx.Module):
   return graphdef, nnx.to_pure_dict(lora), nnx.to_pure_dict(rest)
 
 
-def base_state_dict(module: nnx.Module) -> dict[str, np.ndarray]:
-  """Torch-named, torch-layout base weights (what weights.module_state_dict gives for the model without LoRA)."""
-  return weights.state_to_torch_dict(nnx.state(module, nnx.All(nnx.Param, nnx.Not(LoRAParam))))
+def base_state(module: nnx.Module) -> nnx.State:
+  """The base weights of a LoRA-wrapped module (the same paths as the module without LoRA)."""
+  return nnx.state(module, nnx.All(nnx.Param, nnx.Not(LoRAParam)))
 
 
 def _walk(tree, prefix=()):

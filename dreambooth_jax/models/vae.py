@@ -147,6 +147,16 @@ class AutoencoderKL(nnx.Module):
     mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
     return mean, jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0))
 
+  # The one home of the latent-scaling rule (diffusers: latents = (z - shift_factor) * scaling_factor): training
+  # scales the posterior sample, sampling unscales before decoding.
+  def scale_latents(self, z_BHWC):
+    """Posterior sample -> the denoiser's latent space."""
+    return (z_BHWC - self.config.shift_factor) * self.config.scaling_factor
+
+  def unscale_latents(self, latents_BHWC):
+    """The denoiser's latent space -> what decode takes."""
+    return latents_BHWC / self.config.scaling_factor + self.config.shift_factor
+
   def decode(self, z_BHWC):
     """Unscaled latents -> pixels (about [-1, 1])."""
     z_BHWC = z_BHWC.astype(self.dtype)

@@ -1,4 +1,5 @@
-"""Jitted batch DDIM sampling with classifier-free guidance, VAE decode included, sharded over a mesh.
+"""Jitted batch DDIM sampling with classifier-free guidance, VAE decode included, sharded over a mesh, for every
+model family (the family tokenizes, encodes the text and calls its denoiser).
 
 One `lax.fori_loop` over the DDIM steps; conditional and unconditional halves go through the UNet in one
 batched call. The whole generation (text encoding, loop, decode) is one compiled function per shape.
@@ -18,7 +19,6 @@ from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
 from dreambooth_jax.sampling import schedules as schedule_lib
-from dreambooth_jax.io.tokenizers import tokenize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +40,16 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, jnp.float32))(keys_B)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs", "settings", "vae_scale"))
-def _generate(graphdefs, states, schedule, cond_ids_BT, uncond_ids_BT, latents_BHWC, keys_B, *, settings, vae_scale):
-  unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "settings"))
+def _generate(family, graphdefs, states, schedule, cond_ids, uncond_ids, image_cond, latents_BHWC, keys_B, *,
+              settings):
+  """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders."""
+  modules = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
   guided = settings.guidance != 1.0
-  ids = jnp.concatenate([uncond_ids_BT, cond_ids_BT]) if guided else cond_ids_BT
-  context_BSD, _ = text_encoder(ids)
+  ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if guided else cond_ids
+  text = family.encode_text(modules, ids)
+  if guided:
+    image_cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), image_cond)
   timesteps = schedule_lib.ddim_timesteps(schedule, settings.steps)
   prev_timesteps = schedule_lib.ddim_prev_timesteps(schedule, timesteps)
   timesteps, prev_timesteps = jnp.asarray(timesteps), jnp.asarray(prev_timesteps)
@@ -53,7 +57,7 @@ def _generate(graphdefs, states, schedule, cond_ids_BT, uncond_ids_BT, latents_B
   def step(i, x_BHWC):
     t, prev_t = timesteps[i], prev_timesteps[i]
     x_in = jnp.concatenate([x_BHWC, x_BHWC]) if guided else x_BHWC
-    out = unet(x_in, jnp.full((x_in.shape[0],), t), context_BSD).astype(jnp.float32)
+    out = family.denoise(modules, x_in, jnp.full((x_in.shape[0],), t), text, image_cond).astype(jnp.float32)
     if guided:
       uncond, cond = jnp.split(out, 2)
       out = uncond + settings.guidance * (cond - uncond)
@@ -63,7 +67,8 @@ def _generate(graphdefs, states, schedule, cond_ids_BT, uncond_ids_BT, latents_B
     return schedule_lib.ddim_step(schedule, out, t, prev_t, x_BHWC, eta=settings.eta, noise=noise)
 
   latents_BHWC = jax.lax.fori_loop(0, settings.steps, step, latents_BHWC.astype(jnp.float32))
-  images = vae.decode(latents_BHWC / vae_scale).astype(jnp.float32)
+  vae = modules["vae"]
+  images = vae.decode(vae.unscale_latents(latents_BHWC)).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0)  # [0, 1] floats, NHWC
 
 
@@ -71,49 +76,55 @@ def to_uint8(images_BHWC) -> np.ndarray:
   return (np.asarray(images_BHWC) * 255).round().astype(np.uint8)
 
 
-def generate(sd, prompts: Sequence[str], indices: Sequence[int], *, seed: int = 0,
+def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int = 0,
              settings: SamplerSettings = SamplerSettings(), negative_prompt: str | Sequence[str] = "",
-             init_latents_BHWC: np.ndarray | None = None, mesh=None, unet=None) -> np.ndarray:
+             init_latents_BHWC: np.ndarray | None = None, mesh=None, denoiser=None) -> np.ndarray:
   """Images ([0, 1] float32, NHWC) for one batch of prompts; image k uses the key of indices[k].
 
   With a mesh the batch is split over all its devices (it must divide the device count's multiple; callers
-  pad). `unet` overrides sd.unet (e.g. the model being trained).
+  pad). `denoiser` overrides the pipeline's (e.g. the model being trained).
   """
-  unet = sd.unet if unet is None else unet
+  family = pipe.family
+  modules = {**pipe.modules, family.DENOISER: pipe.denoiser if denoiser is None else denoiser}
   batch = len(prompts)
   if isinstance(negative_prompt, str):
     negative_prompt = [negative_prompt] * batch
-  factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-  multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+  factor = family.latent_factor(pipe.configs)
+  multiple = factor * 2 ** (len(modules[family.DENOISER].config.block_out_channels) - 1)
   if settings.height % multiple or settings.width % multiple:
     raise ValueError(f"height and width must be multiples of {multiple} for this model, got "
                      f"{settings.height}x{settings.width}")
-  lh, lw = settings.height // factor, settings.width // factor
+  latent_shape = (settings.height // factor, settings.width // factor, pipe.vae.config.latent_channels)
   keys_B = image_keys(seed, indices)
   if init_latents_BHWC is None:
-    latents = initial_latents(keys_B, (lh, lw, sd.vae.config.latent_channels))
+    latents = initial_latents(keys_B, latent_shape)
   else:
     latents = jnp.asarray(init_latents_BHWC, jnp.float32)
-    if latents.shape != (batch, lh, lw, sd.vae.config.latent_channels):
+    if latents.shape != (batch, *latent_shape):
       raise ValueError(f"init latents have shape {tuple(latents.shape)} (NHWC), expected "
-                       f"{(batch, lh, lw, sd.vae.config.latent_channels)} for {settings.height}x{settings.width}")
-  cond = tokenize(sd.tokenizer, prompts)
-  uncond = tokenize(sd.tokenizer, negative_prompt)
-  sharding = None if mesh is None else sharding_lib.batch_sharding(mesh)
-  if sharding is not None:  # every process holds the same full batch; each places the shards of its devices
-    cond, uncond, latents, key_data = (
-        jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
-        for x in (np.asarray(cond), np.asarray(uncond), np.asarray(latents), np.asarray(jax.random.key_data(keys_B))))
-    keys_B = jax.random.wrap_key_data(key_data)
-  graphdefs, states = zip(*(nnx.split(m) for m in (unet, sd.vae, sd.text_encoder)))
-  return _generate(tuple(graphdefs), tuple(states), sd.schedule, cond, uncond, latents, keys_B,
-                   settings=settings, vae_scale=sd.vae.config.scaling_factor)
+                       f"{(batch, *latent_shape)} for {settings.height}x{settings.width}")
+  cond = family.tokenize(pipe.tokenizers, prompts)
+  uncond = family.tokenize(pipe.tokenizers, negative_prompt)
+  image_cond = family.sampling_image_conditioning(settings.height, settings.width, batch)
+  key_data = np.asarray(jax.random.key_data(keys_B))
+  if mesh is not None:  # every process holds the same full batch; each places the shards of its devices
+    sharding = sharding_lib.batch_sharding(mesh)
+    place = lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+    cond, uncond, image_cond = (jax.tree.map(lambda x: place(np.asarray(x)), tree)
+                                for tree in (cond, uncond, image_cond))
+    latents, key_data = place(np.asarray(latents)), place(key_data)
+  keys_B = jax.random.wrap_key_data(key_data)
+  split = {name: nnx.split(modules[name]) for name in (family.DENOISER, "vae", *family.TEXT_ENCODERS)}
+  graphdefs = tuple((name, graphdef) for name, (graphdef, _) in split.items())
+  states = tuple(state for _, state in split.values())
+  return _generate(family, graphdefs, states, pipe.schedule, cond, uncond, image_cond, latents, keys_B,
+                   settings=settings)
 
 
-def generate_all(sd, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 4, first_index: int = 0,
+def generate_all(pipe, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 4, first_index: int = 0,
                  indices: Sequence[int] | None = None, settings: SamplerSettings = SamplerSettings(),
                  negative_prompt: str = "", init_latents_BHWC: np.ndarray | None = None, mesh=None,
-                 unet=None) -> Iterator[tuple[list[int], np.ndarray]]:
+                 denoiser=None) -> Iterator[tuple[list[int], np.ndarray]]:
   """Yields (indices, uint8 images) batch by batch, padding the last batch so every batch has one shape
   (one compile). Logs compile time (first batch) and throughput."""
   indices = list(range(first_index, first_index + len(prompts))) if indices is None else list(indices)
@@ -128,8 +139,8 @@ def generate_all(sd, prompts: Sequence[str], *, seed: int = 0, batch_size: int =
       latents = np.asarray(init_latents_BHWC[start:start + batch_size])
       latents = np.concatenate([latents, np.repeat(latents[-1:], pad, 0)]) if pad else latents
     t0 = time.perf_counter()
-    images = generate(sd, chunk + chunk[-1:] * pad, idx + idx[-1:] * pad, seed=seed, settings=settings,
-                      negative_prompt=negative_prompt, init_latents_BHWC=latents, mesh=mesh, unet=unet)
+    images = generate(pipe, chunk + chunk[-1:] * pad, idx + idx[-1:] * pad, seed=seed, settings=settings,
+                      negative_prompt=negative_prompt, init_latents_BHWC=latents, mesh=mesh, denoiser=denoiser)
     if not images.is_fully_addressable:  # multi-host: every process gets the whole batch
       from jax.experimental import multihost_utils  # noqa: PLC0415
       images = multihost_utils.process_allgather(images, tiled=True)

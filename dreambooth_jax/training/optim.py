@@ -54,13 +54,15 @@ def scale_by_adam_bf16(b1: float, b2: float, eps: float) -> optax.GradientTransf
   return optax.GradientTransformation(init, update)
 
 
-def make_optimizer(config, groups: tuple[str, ...]) -> tuple[optax.GradientTransformation, dict]:
-  """One AdamW per parameter group, each with its own lr schedule; the grad norm is clipped over all groups
-  together (as accelerate's clip_grad_norm_ over the union of trained parameters)."""
+def make_optimizer(config, groups: tuple[str, ...],
+                   denoiser: str = "unet") -> tuple[optax.GradientTransformation, dict]:
+  """One AdamW per parameter group, each with its own lr schedule (learning_rate for the denoiser,
+  text_encoder_lr for text encoders); the grad norm is clipped over all groups together (as accelerate's
+  clip_grad_norm_ over the union of trained parameters)."""
   schedules = {}
   transforms = {}
   for group in groups:
-    peak = config.learning_rate if group == "unet" else (config.text_encoder_lr or config.learning_rate)
+    peak = config.learning_rate if group == denoiser else (config.text_encoder_lr or config.learning_rate)
     schedules[group] = learning_rate_schedule(peak, config.lr_scheduler, config.lr_warmup_steps,
                                               config.max_train_steps)
     if config.get("optimizer_moments_bf16", False):

@@ -17,16 +17,11 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding
 
-from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.data import batches as train_data
-from dreambooth_jax.io import diffusers_folder as weights
+from dreambooth_jax import families
+from dreambooth_jax.families import Pipeline
+from dreambooth_jax.io import diffusers_folder
 
 GIB = 2**30
-BUNDLED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "sd-configs"
-KNOWN_HUB_CONFIGS = {  # hub id -> bundled configs with the same shapes
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
-    "CompVis/stable-diffusion-v1-4": "sd15", "stabilityai/stable-diffusion-2-1": "sd21",
-    "stabilityai/stable-diffusion-2-1-base": "sd21"}
 LEVERS = ("remat='full' (or 'attention'/'dots')", "attention='chunked' (where no flash kernel applies, e.g. TPU)",
           "param_dtype='bfloat16'", "optimizer_moments_bf16=True",
           "mesh_fsdp=<devices> (shard params and optimizer state)", "a smaller train_batch_size with "
@@ -35,56 +30,44 @@ LEVERS = ("remat='full' (or 'attention'/'dots')", "attention='chunked' (where no
 
 # ------------------------------------------------------------------------------------ shapes without weights
 
+def known_hub_configs(hub_id: str) -> pathlib.Path | None:
+  """The bundled configs with the same shapes as a known hub model (the plan then works offline)."""
+  for family in families.FAMILIES.values():
+    if hub_id in family.KNOWN_HUB_CONFIGS:
+      return family.BUNDLED_CONFIGS / family.KNOWN_HUB_CONFIGS[hub_id]
+  return None
+
+
 def model_config_dir(config) -> pathlib.Path:
   """The folder whose config.json files describe the model (configs only are fetched for a hub id)."""
   path = str(config.pretrained_model_name_or_path)
   if config.random_init:
-    return weights.TINY_MODEL if path == "tiny" else pathlib.Path(path)
+    return diffusers_folder.TINY_MODEL if path == "tiny" else pathlib.Path(path)
   if pathlib.Path(path).suffix == ".safetensors":
-    from dreambooth_jax.io import safetensors as safetensors_io
-    from dreambooth_jax.io import single_file as single_file_io  # noqa: PLC0415
+    from dreambooth_jax.io import safetensors as safetensors_io, single_file  # noqa: PLC0415
     header, _ = safetensors_io.read_header(pathlib.Path(path))
-    return single_file_io.config_dir(config.get("single_file_config", "auto") or "auto", dict.fromkeys(header), path)
+    return single_file.config_dir(config.get("single_file_config", "auto") or "auto", dict.fromkeys(header), path)
   local = pathlib.Path(path).expanduser()
   if local.exists():
-    return weights.resolve_model_dir(local)
+    return diffusers_folder.resolve_model_dir(local)
   from huggingface_hub import snapshot_download  # noqa: PLC0415
   try:
-    return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "tokenizer/*"]))
+    return pathlib.Path(snapshot_download(path, allow_patterns=["*.json", "tokenizer*/*"]))
   except Exception as e:  # offline, unknown or gated repo
-    if path in KNOWN_HUB_CONFIGS:  # shapes are all a plan needs: the bundled configs of the same architecture
+    bundled = known_hub_configs(path)
+    if bundled is not None:  # shapes are all a plan needs: the bundled configs of the same architecture
       logging.warning("%s: hub unreachable (%s); planning with the bundled %s configs", path, type(e).__name__,
-                      KNOWN_HUB_CONFIGS[path])
-      return BUNDLED_CONFIGS / KNOWN_HUB_CONFIGS[path]
+                      bundled.name)
+      return bundled
     raise FileNotFoundError(f"{path}: cannot fetch its configs from the Hugging Face hub ({type(e).__name__}); pass "
                             "a local diffusers folder as pretrained_model_name_or_path") from None
 
 
-def abstract_model(config, *, dtype, param_dtype, unet_kwargs) -> weights.StableDiffusion:
+def abstract_model(config, *, dtype, param_dtype, unet_kwargs) -> Pipeline:
   """The pipeline with every parameter a ShapeDtypeStruct."""
   with jax.default_device(jax.devices("cpu")[0]):
-    return weights.random_pipeline(model_config_dir(config), seed=config.seed, dtype=dtype, param_dtype=param_dtype,
-                                   unet_kwargs=unet_kwargs, abstract=True)
-
-
-def batch_spec(config, sd, mesh) -> dict:
-  """ShapeDtypeStructs (with shardings) of the batch TrainData.next_batch yields for this config."""
-  accum, batch = config.gradient_accumulation_steps, config.train_batch_size
-  batch *= 2 if config.with_prior_preservation else 1
-  factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-  res, tokens = config.resolution, sd.tokenizer.model_max_length
-  spec = {"prior": ((batch,), jnp.float32), "slot": ((batch,), jnp.int32)}
-  if train_data.caches_latents(config):
-    latent = (batch, res // factor, res // factor, sd.vae.config.latent_channels)
-    spec.update(latent_mean=(latent, jnp.float32), latent_std=(latent, jnp.float32))
-  else:
-    spec["pixels"] = ((batch, res, res, 3), jnp.float32)
-  if train_data.caches_text(config):
-    spec["context"] = ((batch, tokens, sd.text_encoder.config.hidden_size), jnp.float32)
-  else:
-    spec["ids"] = ((batch, tokens), jnp.int32)
-  sharding = sharding_lib.accumulation_batch_sharding(mesh)
-  return {k: jax.ShapeDtypeStruct((accum, *shape), dtype, sharding=sharding) for k, (shape, dtype) in spec.items()}
+    return diffusers_folder.random_pipeline(model_config_dir(config), seed=config.seed, dtype=dtype,
+                                            param_dtype=param_dtype, unet_kwargs=unet_kwargs, abstract=True)
 
 
 # ------------------------------------------------------------------------------------------------- the plan

@@ -26,15 +26,15 @@ class LossSettings:
   prior_loss_weight: float = 1.0
   snr_gamma: float = 0.0  # 0 = off; else min-SNR-gamma weighting (Hang et al. 2023)
   offset_noise: float = 0.0  # 0 = off; else noise += offset_noise * N(0, 1) per (example, channel)
-  vae_scaling_factor: float = 0.18215
-  vae_shift_factor: float = 0.0
 
 
-def example_losses(unet, text_encoder, vae, schedule, micro: dict, rng, settings: LossSettings):
-  """Per-example MSE (B,) of one micro-batch.
+def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: LossSettings):
+  """Per-example MSE (B,) of one micro-batch; the family says how the text and image conditioning reach its
+  denoiser.
 
   Each example draws its posterior sample, noise and timestep from fold_in(rng, its global slot in the step's
   batch), so the loss is the same however the batch is split over processes, devices and micro-batches."""
+  vae = modules["vae"]
   if "pixels" in micro:
     mean, std = vae.encode(micro["pixels"])
     mean, std = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(std)
@@ -43,19 +43,19 @@ def example_losses(unet, text_encoder, vae, schedule, micro: dict, rng, settings
   keys_B4 = jax.vmap(lambda slot: jax.random.split(jax.random.fold_in(rng, slot), 4))(micro["slot"])
   draw = lambda fn, k: jax.vmap(fn)(keys_B4[:, k])
   shape_HWC = mean.shape[1:]
-  x0 = mean + std * draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 0)
-  x0 = (x0 - settings.vae_shift_factor) * settings.vae_scaling_factor
-  if "context" in micro:
-    context = micro["context"]
+  x0 = vae.scale_latents(mean + std * draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 0))
+  if all(k in micro for k in family.TEXT_KEYS):  # cached embeddings of the frozen text encoders
+    text = {k: micro[k] for k in family.TEXT_KEYS}
   else:
-    context, _ = text_encoder(micro["ids"])
+    text = family.encode_text(modules, {k: micro[k] for k in family.ID_KEYS})
+  image = {k: micro[k] for k in family.image_conditioning_keys()}
   noise = draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 1)
   if settings.offset_noise:
     noise = noise + settings.offset_noise * draw(lambda k: jax.random.normal(k, (1, 1, shape_HWC[-1])), 2)
   t_B = draw(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps), 3)
   x_t = schedule_lib.add_noise(schedule, x0, noise, t_B)
   target = schedule_lib.training_target(schedule, x0, noise, t_B)
-  prediction = unet(x_t, t_B, context).astype(jnp.float32)
+  prediction = family.denoise(modules, x_t, t_B, text, image).astype(jnp.float32)
   mse_B = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
   if settings.snr_gamma:
     mse_B = mse_B * schedule_lib.min_snr_loss_weight(schedule, t_B, settings.snr_gamma)
@@ -70,14 +70,15 @@ def combine_losses(mse_B, prior_B, prior_loss_weight: float):
   return instance_loss + prior_loss_weight * prior_loss, (instance_loss, prior_loss)
 
 
-def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
+def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
                     settings: LossSettings):
   """Returns train_step(state, batch, rng, frozen) -> (state, metrics).
 
   state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ...} (donated)
-  batch:  arrays with a leading gradient-accumulation axis (A, B, ...): "pixels" or "latent_mean"/"latent_std",
-          "ids" or "context", "prior" (B,) flags and "slot" (B,) the examples' positions in the step's whole
-          batch (A x B; the keys of their noise).
+  batch:  arrays with a leading gradient-accumulation axis (A, B, ...), the schema of data.batches.batch_schema:
+          "pixels" or "latent_mean"/"latent_std", the family's ID_KEYS or cached TEXT_KEYS, its image
+          conditioning, "prior" (B,) flags and "slot" (B,) the examples' positions in the step's whole batch
+          (A x B; the keys of their noise).
   rng:    the run's base key; the step's key is fold_in(rng, step), so a resumed run draws the same noise.
   frozen: the parameters that are not trained ("vae", and "text_encoder" unless it is trained or its embeddings are
           cached), for LoRA the frozen base weights ("unet_base", ["text_encoder_base"]), and the schedule.
@@ -87,8 +88,7 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules
     modules = merge_modules(graphdefs, params, frozen)
     for module in modules.values():  # LoRA dropout (if any) draws from the micro-batch's key
       lora_lib.set_dropout_key(module, jax.random.fold_in(micro_rng, 1))
-    mse_B = example_losses(modules["unet"], modules.get("text_encoder"), modules["vae"], frozen["schedule"], micro,
-                           example_rng, settings)
+    mse_B = example_losses(family, modules, frozen["schedule"], micro, example_rng, settings)
     loss, (instance_loss, prior_loss) = combine_losses(mse_B, micro["prior"], settings.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
@@ -107,17 +107,21 @@ def make_train_step(graphdefs: dict, tx: optax.GradientTransformation, schedules
                                jax.random.fold_in(step_rng, 0))
       return (jax.tree.map(jnp.add, grads_sum, grads), jax.tree.map(jnp.add, metrics_sum, metrics)), None
 
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "instance_loss", "prior_loss")}
-    (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    metrics = jax.tree.map(lambda m: m / accum, metrics)
+    if accum == 1:  # no loop: XLA:CPU runs a gradient inside a scan several times slower (docs/benchmarks.md)
+      grads, metrics = grad_fn(params, frozen, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(step_rng, 0),
+                               jax.random.fold_in(step_rng, 0))
+    else:
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "instance_loss", "prior_loss")}
+      (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
+      grads = jax.tree.map(lambda g: g / accum, grads)
+      metrics = jax.tree.map(lambda m: m / accum, metrics)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     # bf16 parameters round stochastically (keyed by the step: a resumed run repeats it exactly)
     new_params = optim.apply_updates(params, updates, jax.random.fold_in(step_rng, ROUNDING_STREAM))
     metrics["grad_norm"] = optax.tree.norm(grads)
     for group, lr in schedules.items():
-      metrics["lr" if group == "unet" else f"lr_{group}"] = lr(state["step"])
+      metrics["lr" if group == family.DENOISER else f"lr_{group}"] = lr(state["step"])
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
     return new_state, metrics
 

@@ -1,0 +1,50 @@
+"""Model families. Each module here describes one kind of pipeline (plain constants and functions, no class tree):
+
+  COMPONENTS       {name: Component}: the model class, its config class, weight-file stem and role
+  TOKENIZERS       the tokenizer folders
+  DENOISER, TEXT_ENCODERS
+  tokenize(tokenizers, prompts) -> {ID_KEYS: ids}    the text inputs; ids_spec(pipeline) their shapes
+  encode_text(modules, ids) -> {TEXT_KEYS: array}    the text conditioning (the text-embedding cache stores this);
+                                                     text_spec(pipeline) its per-example shapes
+  image_conditioning_spec(pipeline)                  per-example inputs besides latents and text (SDXL time ids)
+  sampling_image_conditioning(height, width, batch)  their values when sampling
+  denoise(modules, x_BHWC, t_B, text, image)         the denoiser's prediction
+  single-file key maps (is_single_file, from_single_file, to_single_file, single_file_names), bundled configs
+  (BUNDLED_CONFIGS, KNOWN_HUB_CONFIGS: planning offline), default_resolution(configs), latent_factor(configs)
+
+The trainer, sampler, memory plan, export and LoRA code ask the family instead of assuming one pipeline shape.
+A family is chosen from model_index.json's `_class_name` (or, for a single file, from its keys).
+"""
+
+import types
+
+from dreambooth_jax.families import sd
+from dreambooth_jax.families.spec import Component, Pipeline  # noqa: F401 (the package's names)
+
+FAMILIES: dict[str, types.ModuleType] = {"sd": sd}
+
+
+def get(name: str) -> types.ModuleType:
+  if name not in FAMILIES:
+    raise ValueError(f"model family {name!r}: expected one of {sorted(FAMILIES)}")
+  return FAMILIES[name]
+
+
+def for_model_index(index: dict, where: str) -> types.ModuleType:
+  """The family of a diffusers folder, from model_index.json's `_class_name`."""
+  class_name = index.get("_class_name")
+  for family in FAMILIES.values():
+    if class_name in family.PIPELINE_CLASSES:
+      return family
+  known = sorted(c for f in FAMILIES.values() for c in f.PIPELINE_CLASSES)
+  raise ValueError(f"{where}: model_index.json's _class_name {class_name!r} is not a supported pipeline "
+                   f"(supported: {known})")
+
+
+def for_single_file(keys, where: str) -> types.ModuleType:
+  """The family whose single-file layout these tensor names are."""
+  for family in FAMILIES.values():
+    if family.is_single_file(keys):
+      return family
+  raise ValueError(f"{where}: the tensor names match no supported single-file layout "
+                   f"({', '.join(f.SINGLE_FILE_DESCRIPTION for f in FAMILIES.values())})")

@@ -1,0 +1,47 @@
+"""What every family module is made of: its components, and the pipeline they make once loaded."""
+
+import dataclasses
+import pathlib
+import types
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Component:
+  config_class: type
+  model_class: type
+  weight_stem: str  # <stem>.safetensors (or .<variant>.safetensors, or a sharded index) in the component folder
+  role: str  # "denoiser" | "vae" | "text": LoRA targets and dtype rules go by role
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A loaded (or abstract) pipeline: the family's NNX modules, tokenizers, noise schedule and raw configs."""
+
+  family: types.ModuleType
+  modules: dict[str, Any]  # component name -> nnx.Module (None once freed)
+  tokenizers: dict[str, Any]
+  schedule: Any
+  configs: dict  # raw config.json dicts per component, plus "scheduler" and "model_index"
+  model_dir: pathlib.Path | None = None
+
+  @property
+  def denoiser(self):
+    return self.modules[self.family.DENOISER]
+
+  @property
+  def vae(self):
+    return self.modules["vae"]
+
+  def __getattr__(self, name: str):
+    """pipe.unet, pipe.text_encoder_2, pipe.tokenizer ...: components and tokenizers by name, as on diffusers'
+    pipelines."""
+    if name not in ("modules", "tokenizers"):
+      for table in (self.modules, self.tokenizers):
+        if name in table:
+          return table[name]
+    raise AttributeError(f"{type(self).__name__} of family {self.family.NAME!r} has no {name!r}")
+
+  def replace(self, **modules) -> "Pipeline":
+    """A copy with some modules replaced (e.g. the trained UNet)."""
+    return dataclasses.replace(self, modules={**self.modules, **modules})

@@ -1,0 +1,118 @@
+"""Model and run state shared by training, export, evaluation and sampling from a run: the model a config names,
+its dtypes, LoRA settings, the trainable/frozen split as pure dicts, the trained view of a checkpoint.
+
+Params and optimizer state are separate checkpoint items, so export and evaluation restore the params alone,
+without building an optimizer.
+"""
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+from flax import nnx
+
+from dreambooth_jax.data import batches
+from dreambooth_jax.families import Pipeline
+from dreambooth_jax.io import diffusers_folder
+from dreambooth_jax.models import lora as lora_lib
+from dreambooth_jax.training import checkpoint, step as step_lib
+
+
+def compute_dtype(config):
+  if config.mixed_precision not in ("no", "bf16"):
+    raise ValueError(f"mixed_precision={config.mixed_precision!r} is not supported: use 'bf16' (bf16 compute with "
+                     "fp32 master params; no loss scaling needed) or 'no' (fp32)")
+  return jnp.bfloat16 if config.mixed_precision == "bf16" else jnp.float32
+
+
+def param_dtype(config):
+  name = config.get("param_dtype", "float32")
+  if name not in ("float32", "bfloat16"):
+    raise ValueError(f"param_dtype={name!r}: use 'float32' (fp32 master params) or 'bfloat16' (half the memory "
+                     "for params, gradients and optimizer state; less precise updates)")
+  return jnp.dtype(name)
+
+
+def denoiser_kwargs(config) -> dict:
+  return {"remat": config.remat, "attention_impl": config.get("attention", "auto")}
+
+
+def load_model(config) -> Pipeline:
+  path = config.pretrained_model_name_or_path
+  if config.random_init and path == "tiny":
+    path = diffusers_folder.TINY_MODEL
+  return diffusers_folder.load_or_init_pipeline(
+      path, random_init=config.random_init, seed=config.seed, dtype=compute_dtype(config),
+      param_dtype=param_dtype(config), variant=config.variant or None, unet_kwargs=denoiser_kwargs(config),
+      single_file_config=config.get("single_file_config", "auto"))
+
+
+def lora_settings(config) -> lora_lib.LoRASettings | None:
+  """config.lora as LoRASettings, or None when LoRA is off."""
+  if not config.get("lora") or not config.lora.get("enabled"):
+    return None
+  if config.train_text_encoder:
+    raise ValueError("train_text_encoder=True with lora.enabled=True: the text encoder would be fully trained; set "
+                     "lora.text_encoder=True instead to train LoRA factors on it")
+  return lora_lib.settings_from_config(config.lora)
+
+
+def trainable_modules(pipe: Pipeline, config) -> dict:
+  """The modules being trained: the denoiser, and the text encoders when they are trained. With config.lora they
+  are LoRA-wrapped in place (factors initialised from the seed)."""
+  settings = lora_settings(config)
+  names = [pipe.family.DENOISER] + (list(pipe.family.TEXT_ENCODERS) if batches.trains_text_encoder(config) else [])
+  modules = {name: pipe.modules[name] for name in names}
+  if settings:
+    for i, (name, module) in enumerate(modules.items()):
+      paths = lora_lib.apply_lora(module, settings, rngs=nnx.Rngs(config.seed + 1 + i),
+                                  role=pipe.family.COMPONENTS[name].role, component=name)
+      logging.info("LoRA rank %d on %d %s layers", settings.rank, len(paths), name)
+  return modules
+
+
+def trainable_state(pipe: Pipeline, config) -> tuple[dict, dict, dict]:
+  """(graphdefs, trainable params, frozen params) as pure dicts. With LoRA only the factors are trained (and in
+  the optimizer state and checkpoints); the base weights join the frozen ones as frozen[name + "_base"]. Text
+  encoders are frozen unless trained, and absent when their outputs are cached."""
+  params, frozen = {}, {"vae": step_lib.pure_params(pipe.vae), "schedule": pipe.schedule}
+  for name, module in trainable_modules(pipe, config).items():
+    params[name], base = step_lib.split_trainable(module)
+    if base is not None:
+      frozen[f"{name}_base"] = base
+  if not batches.caches_text(config):
+    for name in pipe.family.TEXT_ENCODERS:
+      if name not in params:
+        frozen[name] = step_lib.pure_params(pipe.modules[name])
+  graphdefs = {name: nnx.split(module)[0] for name, module in pipe.modules.items()}
+  return graphdefs, params, frozen
+
+
+def trained_view(pipe: Pipeline, graphdefs, params, frozen) -> Pipeline:
+  """pipe with the components being trained rebuilt from `params` (LoRA factors merged with their base)."""
+  return pipe.replace(**step_lib.merge_modules({n: graphdefs[n] for n in params}, params, frozen))
+
+
+def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  config_path = workdir / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{config_path}: missing; is {workdir} a training run folder?")
+  return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+
+
+def load_run(workdir: pathlib.Path, step: int | None):
+  """(config, trained pipeline view, step) of a run's checkpoint (LoRA layers kept, not merged). Restores the
+  params item alone: no optimizer is built."""
+  config = read_run_config(workdir)
+  pipe = load_model(config)
+  graphdefs, params, frozen = trainable_state(pipe, config)
+  mgr = checkpoint.manager(workdir, None)
+  if mgr.latest_step() is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
+  if step is not None and step not in mgr.all_steps():
+    raise ValueError(f"step {step}: no such checkpoint in {workdir}/checkpoints (have {sorted(mgr.all_steps())})")
+  step, restored = checkpoint.restore_params(mgr, step, jax.eval_shape(lambda p: p, params))
+  return config, trained_view(pipe, graphdefs, jax.device_get(restored), frozen), step
