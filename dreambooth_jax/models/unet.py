@@ -352,11 +352,11 @@ class UNet2DConditionModel(nnx.Module):
     projection (B, 1280), "time_ids": (B, 6)}; required for an addition_embed_type "text_time" UNet, refused
     otherwise.
     """
+    aug_BD = self.added_embedding(added_cond, x_BHWC.shape[0])  # first: a wrong added_cond fails before any work
     t_B = jnp.broadcast_to(jnp.asarray(t_B), (x_BHWC.shape[0],))
     temb_BD = self.time_embedding(timestep_embedding(
         t_B, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
     ).astype(self.dtype))
-    aug_BD = self.added_embedding(added_cond, x_BHWC.shape[0])
     if aug_BD is not None:
       temb_BD = temb_BD + aug_BD
     context_BSD = context_BSD.astype(self.dtype)
