@@ -334,7 +334,7 @@ SDXL_UNET_SLICE = dict(layers_per_block=1)
 @pytest.mark.slow
 def test_full_width_sdxl_text_encoders_match_transformers():
   """CLIP ViT-L (768, 12 layers) and OpenCLIP bigG (1280, 32 layers, projection 1280) at full size, random
-  weights, from the asset configs; ids padded with 0 (tokenizer_2) and with EOS (tokenizer)."""
+  weights, from the asset configs; ids padded with 0 (tokenizer_2) and with EOS (tokenizer). About 70 s, 7 GB."""
   spec = lambda c: {k: v for k, v in json.loads((SDXL_CONFIGS / c / "config.json").read_text()).items()
                     if k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                              "max_position_embeddings", "vocab_size", "hidden_act", "projection_dim")}
@@ -345,8 +345,10 @@ def test_full_width_sdxl_text_encoders_match_transformers():
 
 @pytest.mark.slow
 def test_sdxl_unet_slice_matches_diffusers():
-  """SDXL base UNet with layers_per_block 1 (see SDXL_UNET_SLICE; ~1.6 B parameters): every real width, head
-  count, transformer depth and the text_time embedding; 32 x 32 latents (256 px), batch 2, random weights."""
+  """SDXL base UNet with layers_per_block 1 instead of 2 (see SDXL_UNET_SLICE; 1,717,277,764 parameters, 67% of
+  the real 2.57 B): every real width, head count, transformer depth (1/2/10, 10 in the mid block) and the
+  text_time embedding; 32 x 32 latents (256 px), batch 2, random weights. About 2 minutes and 14 GB peak RSS on
+  2 cores (torch and ours both in fp32)."""
   from diffusers import UNet2DConditionModel as TorchUNet
   torch.manual_seed(0)
   raw = dict(sdxl_unet_config(), **SDXL_UNET_SLICE)
