@@ -9,7 +9,6 @@ import math
 import pathlib
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 import pytest
@@ -19,7 +18,7 @@ from reference_models import to_numpy
 from dreambooth_jax import weights
 from dreambooth_jax.models import layers
 from dreambooth_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                                             projection_model_keys)
+                                             TEXT_MODEL_CLASSES, projection_model_keys)
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 TOL = 1e-4
@@ -232,6 +231,10 @@ def test_added_cond_is_required_exactly_for_text_time(tiny_unet, tiny_sd1_dir):
     ours(x_BHWC, t_B, context_BSD)
   with pytest.raises(ValueError, match="needs added_cond"):
     ours(x_BHWC, t_B, context_BSD, {"text_embeds": added["text_embeds"]})
+  # One row of time ids serves the whole batch (the usual case: every image at the same size and crop).
+  one_row = dict(added, time_ids=added["time_ids"][0])
+  np.testing.assert_array_equal(np.asarray(ours.added_embedding(one_row, 1)),
+                                np.asarray(ours.added_embedding(added, 1)))
   with pytest.raises(ValueError, match="projection_class_embeddings_input_dim"):
     ours(x_BHWC, t_B, context_BSD, dict(added, time_ids=added["time_ids"][:, :5]))  # refiner-style 5 ids
   sd_config = UNetConfig.from_dict(json.loads((tiny_sd1_dir / "unet" / "config.json").read_text()))
@@ -305,7 +308,7 @@ def test_sdxl_text_encoder_configs_parse(component, cls, hidden, layers, act):
   from transformers import CLIPTextConfig as TorchConfig, CLIPTextModel as TorchModel
   from transformers import CLIPTextModelWithProjection as TorchProjection
   raw = json.loads((SDXL_CONFIGS / component / "config.json").read_text())
-  assert raw["architectures"] == [cls.__name__]
+  assert TEXT_MODEL_CLASSES[raw["architectures"][0]] is cls
   config = CLIPTextConfig.from_dict(raw)
   assert (config.hidden_size, config.num_hidden_layers, config.hidden_act) == (hidden, layers, act)
   assert config.eos_token_id == 2  # the hub configs' legacy value: pooling at the argmax id

@@ -185,6 +185,10 @@ class CLIPTextModelWithProjection(nnx.Module):
     return dataclasses.replace(out, text_embeds=self.text_projection(out.pooled))
 
 
+# config.json "architectures" / model_index.json class name -> our module.
+TEXT_MODEL_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+
+
 def projection_model_keys(state_dict: dict) -> dict:
   """A CLIPTextModelWithProjection state dict in our (= transformers') key spelling: keys without the
   `text_model.` prefix (as some converters write them) get it back, the position_ids buffer is dropped."""

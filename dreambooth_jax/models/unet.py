@@ -349,8 +349,9 @@ class UNet2DConditionModel(nnx.Module):
     """Predicts noise (or v) for latents x_BHWC at integer/float timesteps t_B given text states context_BSD.
 
     added_cond: SDXL's conditioning (diffusers' added_cond_kwargs) {"text_embeds": pooled text_encoder_2
-    projection (B, 1280), "time_ids": (B, 6)}; required for an addition_embed_type "text_time" UNet, refused
-    otherwise.
+    projection (B, 1280), "time_ids": (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in
+    pixels}; a single (K,) or (1, K) row of time ids is broadcast over the batch. Required for an
+    addition_embed_type "text_time" UNet (ValueError without it), refused (ValueError) by an SD 1.x/2.x UNet.
     """
     aug_BD = self.added_embedding(added_cond, x_BHWC.shape[0])  # first: a wrong added_cond fails before any work
     t_B = jnp.broadcast_to(jnp.asarray(t_B), (x_BHWC.shape[0],))
