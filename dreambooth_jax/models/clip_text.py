@@ -1,10 +1,23 @@
-"""CLIP text encoder as transformers' CLIPTextModel (Stable Diffusion's conditioning), in Flax NNX.
+"""CLIP text encoders as transformers' CLIPTextModel (Stable Diffusion's conditioning) and
+CLIPTextModelWithProjection (SDXL's text_encoder_2, OpenCLIP bigG), in Flax NNX.
 
 The transformer layers (CLIPEncoder) are shared with the CLIP vision tower used by evaluation.
+
+Parameter paths and checkpoint keys:
+  - CLIPTextModel: transformers' keys without the `text_model.` prefix (`embeddings.token_embedding.weight`, ...);
+    weights.normalize_keys strips the prefix that hub checkpoints (and transformers 4.x) carry.
+  - CLIPTextModelWithProjection: exactly transformers' keys, prefix included (`text_model.embeddings...`,
+    `text_model.final_layer_norm.weight`, `text_projection.weight`): that is what its state_dict() gives (4.x and
+    5.x) and what SDXL's text_encoder_2/model.safetensors holds, so the prefix must be KEPT when loading it (do not
+    pass its state dict through normalize_keys(..., "text_encoder")). `projection_model_keys` accepts both spellings.
+
+SDXL conditions on the *penultimate* hidden state of both encoders (hidden_states[-2], not through the final layer
+norm) and on text_encoder_2's projected pooled output: see `encode`.
 """
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -90,6 +103,34 @@ class CLIPTextEmbeddings(nnx.Module):
     return self.token_embedding(ids_BT) + self.position_embedding(jnp.arange(ids_BT.shape[1]))[None]
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CLIPTextOutput:
+  """What `encode` returns (a pytree: fine as a jit output).
+
+  penultimate: (B, T, D) hidden_states[-2], the output of the second-to-last layer WITHOUT the final layer norm
+    (what SDXL concatenates as context: diffusers' `output_hidden_states=True ... hidden_states[-2]`).
+  last: (B, T, D) final_layer_norm(last layer) = transformers' last_hidden_state.
+  pooled: (B, D) `last` at the EOS position = transformers' pooler_output.
+  text_embeds: (B, projection_dim) text_projection(pooled) for CLIPTextModelWithProjection (SDXL's pooled
+    conditioning), None for CLIPTextModel.
+  """
+
+  penultimate: jax.Array
+  last: jax.Array
+  pooled: jax.Array
+  text_embeds: jax.Array | None = None
+
+
+def eos_positions(ids_BT, eos_token_id: int):
+  """transformers' pooling position: eos_token_id == 2 marks old configs (SD, SDXL hub configs) whose EOS is the
+  highest id (argmax of the ids); otherwise the first position holding eos_token_id. (For CLIP-tokenized ids padded
+  with "!" = 0 or with EOS both rules find the first EOS.)"""
+  if eos_token_id == 2:
+    return jnp.argmax(ids_BT, axis=-1)
+  return jnp.argmax((ids_BT == eos_token_id).astype(jnp.int32), axis=-1)
+
+
 class CLIPTextModel(nnx.Module):
   """Parameter paths = transformers' CLIPTextModel keys without the `text_model.` prefix."""
 
@@ -109,10 +150,53 @@ class CLIPTextModel(nnx.Module):
     """
     hidden_states = self.encoder(self.embeddings(ids_BT), causal=True)
     last_BTD = self.final_layer_norm(hidden_states[-1 - skip_last_layers])
-    # transformers: eos_token_id == 2 marks old configs whose eos is the highest id; otherwise the first eos.
-    if self.config.eos_token_id == 2:
-      eos_B = jnp.argmax(ids_BT, axis=-1)
-    else:
-      eos_B = jnp.argmax((ids_BT == self.config.eos_token_id).astype(jnp.int32), axis=-1)
-    pooled_BD = jnp.take_along_axis(self.final_layer_norm(hidden_states[-1]), eos_B[:, None, None], axis=1)[:, 0]
-    return last_BTD, pooled_BD
+    return last_BTD, self._pool(ids_BT, hidden_states[-1])
+
+  def _pool(self, ids_BT, hidden_BTD):
+    eos_B = eos_positions(ids_BT, self.config.eos_token_id)
+    return jnp.take_along_axis(self.final_layer_norm(hidden_BTD), eos_B[:, None, None], axis=1)[:, 0]
+
+  def encode(self, ids_BT) -> CLIPTextOutput:
+    """Penultimate and last hidden states and the pooled output in one pass (text_embeds None)."""
+    hidden_states = self.encoder(self.embeddings(ids_BT), causal=True)
+    last_BTD = self.final_layer_norm(hidden_states[-1])
+    eos_B = eos_positions(ids_BT, self.config.eos_token_id)
+    pooled_BD = jnp.take_along_axis(last_BTD, eos_B[:, None, None], axis=1)[:, 0]
+    return CLIPTextOutput(penultimate=hidden_states[-2], last=last_BTD, pooled=pooled_BD)
+
+
+class CLIPTextModelWithProjection(nnx.Module):
+  """transformers' CLIPTextModelWithProjection (SDXL's text_encoder_2): a CLIPTextModel under `text_model` and a
+  bias-free `text_projection`. Parameter paths = its state-dict keys, `text_model.` prefix included."""
+
+  def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    self.config = config
+    self.text_model = CLIPTextModel(config, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.text_projection = Layers(rngs, dtype, param_dtype).linear(config.hidden_size, config.projection_dim,
+                                                                   use_bias=False)
+
+  def __call__(self, ids_BT):
+    """Returns (text_embeds_BP, last_hidden_state_BTD), as transformers' output fields."""
+    out = self.encode(ids_BT)
+    return out.text_embeds, out.last
+
+  def encode(self, ids_BT) -> CLIPTextOutput:
+    out = self.text_model.encode(ids_BT)
+    return dataclasses.replace(out, text_embeds=self.text_projection(out.pooled))
+
+
+# config.json "architectures" / model_index.json class name -> our module.
+TEXT_MODEL_CLASSES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
+
+
+def projection_model_keys(state_dict: dict) -> dict:
+  """A CLIPTextModelWithProjection state dict in our (= transformers') key spelling: keys without the
+  `text_model.` prefix (as some converters write them) get it back, the position_ids buffer is dropped."""
+  out = {}
+  for key, value in state_dict.items():
+    if key.endswith("embeddings.position_ids"):
+      continue
+    if not key.startswith(("text_model.", "text_projection.")):
+      key = f"text_model.{key}"
+    out[key] = value
+  return out

@@ -1,4 +1,7 @@
-"""diffusers' UNet2DConditionModel (Stable Diffusion 1.x / 2.x) in Flax NNX, NHWC.
+"""diffusers' UNet2DConditionModel (Stable Diffusion 1.x / 2.x and SDXL) in Flax NNX, NHWC.
+
+SDXL adds the "text_time" conditioning (pooled text embedding + sinusoidal embeddings of the size/crop time ids
+through `add_embedding`, added to the timestep embedding) and a transformer depth per level.
 
 Configured from the diffusers config.json; a value this code does not implement fails at construction with the
 key and value named, never a silently different model.
@@ -36,6 +39,10 @@ class UNetConfig:
   norm_eps: float = 1e-5
   downsample_padding: int = 1
   mid_block_scale_factor: float = 1.0
+  # SDXL's "text_time" added conditioning (None: SD 1.x/2.x, no added conditioning).
+  addition_embed_type: str | None = None
+  addition_time_embed_dim: int | None = None
+  projection_class_embeddings_input_dim: int | None = None
 
   @classmethod
   def from_dict(cls, config: dict) -> "UNetConfig":
@@ -44,16 +51,29 @@ class UNetConfig:
     for key, allowed in {
         "mid_block_type": ("UNetMidBlock2DCrossAttn",), "act_fn": ("silu",), "center_input_sample": (False,),
         "only_cross_attention": (False,), "dual_cross_attention": (False,), "class_embed_type": (None,),
-        "addition_embed_type": (None,), "num_class_embeds": (None,), "encoder_hid_dim": (None,),
+        "addition_embed_type": (None, "text_time"), "num_class_embeds": (None,), "encoder_hid_dim": (None,),
         "encoder_hid_dim_type": (None,), "resnet_time_scale_shift": ("default",),
         "time_embedding_type": ("positional",), "time_embedding_dim": (None,), "time_embedding_act_fn": (None,),
         "timestep_post_act": (None,), "time_cond_proj_dim": (None,), "conv_in_kernel": (3,),
         "conv_out_kernel": (3,), "attention_type": ("default",), "resnet_skip_time_act": (False,),
         "resnet_out_scale_factor": (1.0, 1), "cross_attention_norm": (None,), "class_embeddings_concat": (False,),
         "mid_block_only_cross_attention": (None, False), "reverse_transformer_layers_per_block": (None,),
-        "projection_class_embeddings_input_dim": (None,), "addition_time_embed_dim": (None,),
+        "dropout": (0.0, 0),
     }.items():
       require(config, key, allowed, where)
+    addition = config.get("addition_embed_type")
+    time_dim = config.get("addition_time_embed_dim")
+    projection_dim = config.get("projection_class_embeddings_input_dim")
+    if addition is None:
+      # Without "text_time" these only matter for conditionings we refuse (class_embed_type "projection").
+      for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+        require(config, key, (None,), where)
+    else:
+      for key, value in (("addition_time_embed_dim", time_dim), ("projection_class_embeddings_input_dim",
+                                                                   projection_dim)):
+        if not isinstance(value, int) or value <= 0:
+          raise ValueError(f"{where}: config key {key!r} = {value!r} is not supported with addition_embed_type "
+                           f"'text_time' (a positive int expected)")
     channels = tuple(config.get("block_out_channels", cls.block_out_channels))
     n = len(channels)
     down = tuple(config.get("down_block_types", cls.down_block_types))
@@ -67,6 +87,11 @@ class UNetConfig:
 
     def per_block(key, default):
       value = config.get(key, default)
+      if isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in value):
+        # diffusers allows per-layer counts (nested lists, with reverse_transformer_layers_per_block for the up
+        # path: asymmetric UNets such as SSD-1B); SDXL base/refiner use one count per level.
+        raise ValueError(f"{where}: config key {key!r} = {value!r} is not supported (nested per-layer lists; "
+                         f"an int or {n} ints expected)")
       value = (value,) * n if isinstance(value, int) else tuple(value)
       if len(value) != n or not all(isinstance(v, int) for v in value):
         raise ValueError(f"{where}: config key {key!r} = {config.get(key)!r} is not supported "
@@ -92,16 +117,19 @@ class UNetConfig:
         norm_num_groups=config.get("norm_num_groups", 32), norm_eps=config.get("norm_eps", 1e-5),
         downsample_padding=config.get("downsample_padding", 1),
         mid_block_scale_factor=config.get("mid_block_scale_factor", 1.0),
+        addition_embed_type=addition, addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=projection_dim,
     )
 
 
 def timestep_embedding(t_B, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0):
-  """diffusers' get_timestep_embedding (sinusoidal, computed in fp32)."""
+  """diffusers' get_timestep_embedding (sinusoidal, computed in fp32); an odd dim gets a zero last column."""
   half = dim // 2
   freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
   angles_BH = t_B.astype(jnp.float32)[:, None] * freqs[None]
   sin, cos = jnp.sin(angles_BH), jnp.cos(angles_BH)
-  return jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  emb_BD = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  return jnp.pad(emb_BD, ((0, 0), (0, 1))) if dim % 2 else emb_BD
 
 
 class TimestepEmbedding(nnx.Module):
@@ -243,6 +271,9 @@ class UNet2DConditionModel(nnx.Module):
     temb_dim = ch[0] * 4
     self.conv_in = layers.conv(config.in_channels, ch[0])
     self.time_embedding = TimestepEmbedding(ch[0], temb_dim, layers)
+    # SDXL: diffusers' add_time_proj (parameterless sinusoids) + add_embedding (2816 -> 1280 for SDXL base).
+    self.add_embedding = (TimestepEmbedding(config.projection_class_embeddings_input_dim, temb_dim, layers)
+                          if config.addition_embed_type == "text_time" else None)
     resnet = lambda c_in, c_out, scale=1.0: ResnetBlock2D(c_in, c_out, temb_dim, groups, eps, layers, scale)
     transformer = lambda c, i: Transformer2DModel(c, config.heads[i], config.transformer_layers[i], config,
                                                   layers, attention_impl)
@@ -287,12 +318,48 @@ class UNet2DConditionModel(nnx.Module):
       return nnx.remat(lambda m, *a: m(*a), policy=policy)(module, *args)
     return module(*args)
 
-  def __call__(self, x_BHWC, t_B, context_BSD):
-    """Predicts noise (or v) for latents x_BHWC at integer/float timesteps t_B given text states context_BSD."""
+  def added_embedding(self, added_cond: dict | None, batch: int):
+    """SDXL's "text_time" embedding (B, temb): diffusers' get_aug_embed. added_cond = {"text_embeds": (B, P),
+    "time_ids": (B, K)} (K = 6 for SDXL base: original size, crop top-left, target size; 5 for the refiner)."""
+    config = self.config
+    if config.addition_embed_type is None:
+      if added_cond is not None:
+        raise ValueError("UNet: added_cond was given, but this UNet's config has no addition_embed_type "
+                         "(an SD 1.x/2.x UNet takes no added conditioning)")
+      return None
+    if added_cond is None or not all(k in added_cond for k in ("text_embeds", "time_ids")):
+      raise ValueError("UNet: addition_embed_type 'text_time' (SDXL) needs added_cond={'text_embeds': (B, P), "
+                       f"'time_ids': (B, K)}}; got {None if added_cond is None else sorted(added_cond)}")
+    text_BP, ids_BK = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+    if ids_BK.ndim == 1:
+      ids_BK = ids_BK[None]
+    text_BP = jnp.broadcast_to(text_BP, (batch, text_BP.shape[-1]))
+    ids_BK = jnp.broadcast_to(ids_BK, (batch, ids_BK.shape[-1]))
+    width = text_BP.shape[-1] + ids_BK.shape[-1] * config.addition_time_embed_dim
+    if width != config.projection_class_embeddings_input_dim:
+      raise ValueError(f"UNet: text_embeds {text_BP.shape} and time_ids {ids_BK.shape} give {width} features, "
+                       f"projection_class_embeddings_input_dim is {config.projection_class_embeddings_input_dim}")
+    time_BKD = timestep_embedding(ids_BK.reshape(-1), config.addition_time_embed_dim, config.flip_sin_to_cos,
+                                  config.freq_shift)
+    # Pooled text first, then the flattened time-id embeddings (diffusers' concat order).
+    add_BF = jnp.concatenate([text_BP.astype(jnp.float32), time_BKD.reshape(batch, -1)], axis=-1)
+    return self.add_embedding(add_BF.astype(self.dtype))
+
+  def __call__(self, x_BHWC, t_B, context_BSD, added_cond: dict | None = None):
+    """Predicts noise (or v) for latents x_BHWC at integer/float timesteps t_B given text states context_BSD.
+
+    added_cond: SDXL's conditioning (diffusers' added_cond_kwargs) {"text_embeds": pooled text_encoder_2
+    projection (B, 1280), "time_ids": (B, 6) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) in
+    pixels}; a single (K,) or (1, K) row of time ids is broadcast over the batch. Required for an
+    addition_embed_type "text_time" UNet (ValueError without it), refused (ValueError) by an SD 1.x/2.x UNet.
+    """
+    aug_BD = self.added_embedding(added_cond, x_BHWC.shape[0])  # first: a wrong added_cond fails before any work
     t_B = jnp.broadcast_to(jnp.asarray(t_B), (x_BHWC.shape[0],))
     temb_BD = self.time_embedding(timestep_embedding(
         t_B, self.config.block_out_channels[0], self.config.flip_sin_to_cos, self.config.freq_shift
     ).astype(self.dtype))
+    if aug_BD is not None:
+      temb_BD = temb_BD + aug_BD
     context_BSD = context_BSD.astype(self.dtype)
     h = self.conv_in(x_BHWC.astype(self.dtype))
     skips = [h]
