@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 
-from reference_models import TINY_SD1, TINY_SD2, save_pipeline
+from reference_models import TINY_SD1, TINY_SD2, save_pipeline, save_sdxl_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +22,9 @@ def tiny_sd1_dir(tmp_path_factory):
 def tiny_sd2_dir(tmp_path_factory):
     """A tiny SD-2.x-shaped pipeline saved with fp16 variant files, as the SD 2.1 hub repo ships them."""
     return save_pipeline(TINY_SD2, tmp_path_factory.mktemp("tiny_sd2") / "model", variant="fp16")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """A diffusers folder of a tiny random-weight SDXL-shaped pipeline (StableDiffusionXLPipeline.save_pretrained)."""
+    return save_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "model")

@@ -53,6 +53,65 @@ TINY_SD2 = dict(
 )
 
 
+# Small SDXL-shaped model: two text encoders (the second with a projection, padding with "!"), text_time added
+# conditioning, no attention at the first level, per-level transformer depth, VAE scaling 0.13025 with force_upcast.
+TINY_SDXL = dict(
+    unet=dict(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), norm_num_groups=8,
+        cross_attention_dim=32 + 48, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 40,
+    ),
+    vae=dict(TINY_SD1["vae"], scaling_factor=0.13025, force_upcast=True),
+    text_encoder=dict(TINY_SD1["text_encoder"], num_hidden_layers=3),
+    text_encoder_2=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", layer_norm_eps=1e-5,
+                        projection_dim=40),
+    scheduler=dict(TINY_SD1["scheduler"], timestep_spacing="leading"),
+)
+
+
+def build_sdxl_pipeline(spec: dict = TINY_SDXL, seed: int = 0):
+    """A diffusers StableDiffusionXLPipeline with random weights (perturbed norms and biases), DDIM scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"]))
+    vocab, merges = str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt")
+    tokenizer = CLIPTokenizer(vocab, merges, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab, merges, model_max_length=77, pad_token="!")  # as SDXL's second tokenizer
+    _perturb(seed, unet, vae, text_encoder, text_encoder_2)
+    pipe = StableDiffusionXLPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, scheduler=DDIMScheduler(**spec["scheduler"]), force_zeros_for_empty_prompt=True,
+        add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_sdxl_pipeline(path: pathlib.Path, spec: dict = TINY_SDXL, seed: int = 0, **save_kwargs) -> pathlib.Path:
+    build_sdxl_pipeline(spec, seed).save_pretrained(str(path), **save_kwargs)
+    return path
+
+
+def _perturb(seed: int, *modules):
+    """Default inits leave norm scales at 1 and many biases at 0, which would hide layout mistakes."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in modules:
+            for name, p in module.named_parameters():
+                if name.endswith("bias") or "norm" in name:
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
 def build_pipeline(spec: dict, seed: int = 0):
     """Returns a diffusers StableDiffusionPipeline with random weights (non-trivial norms and biases)."""
     import torch
@@ -65,13 +124,7 @@ def build_pipeline(spec: dict, seed: int = 0):
     text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
     tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
     scheduler = DDIMScheduler(**spec["scheduler"])
-    # Default inits leave norm scales at 1 and many biases at 0, which would hide layout mistakes.
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in (unet, vae, text_encoder):
-            for name, p in module.named_parameters():
-                if name.endswith("bias") or "norm" in name:
-                    p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    _perturb(seed, unet, vae, text_encoder)
     pipe = StableDiffusionPipeline(
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from reference_models import to_numpy
-from dreambooth_jax import weights
+from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.models import layers
 from dreambooth_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                              TEXT_MODEL_CLASSES, projection_model_keys)
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 TOL = 1e-4
-SDXL_CONFIGS = pathlib.Path(weights.__file__).parent / "assets" / "sdxl-configs"
+SDXL_CONFIGS = pathlib.Path(weights.__file__).resolve().parents[1] / "assets" / "sdxl-configs"
 SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0 unet
 
 BOS, EOS = 49406, 49407

@@ -12,6 +12,8 @@ class Component:
   model_class: type
   weight_stem: str  # <stem>.safetensors (or .<variant>.safetensors, or a sharded index) in the component folder
   role: str  # "denoiser" | "vae" | "text": LoRA targets and dtype rules go by role
+  # the state dict after the generic key clean-up (io.diffusers_folder.normalize_keys) -> this model's names
+  normalize: Any = None
 
 
 @dataclasses.dataclass

@@ -182,7 +182,8 @@ def read_component_weights(model_dir: pathlib.Path, family, component: str, vari
     if not f.is_file():
       raise CheckpointError(f"{f}: listed in the shard index but missing")
     tensors.update(safetensors_io.load_file(f))
-  return normalize_keys(tensors, spec.role)
+  tensors = normalize_keys(tensors, spec.role)
+  return spec.normalize(tensors) if spec.normalize else tensors
 
 
 def make_model(family, component: str, config, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -242,7 +243,8 @@ def save_component(module_or_state, raw_config: dict, out_dir: pathlib.Path, fam
     tensors = state_to_torch_dict(module_or_state)
   spec = family.COMPONENTS[component]
   if spec.role == "text":  # real hub checkpoints (and transformers 4.x) keep the transformer under `text_model.`
-    tensors = {k if k.startswith("text_projection.") else f"text_model.{k}": v for k, v in tensors.items()}
+    tensors = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+               for k, v in tensors.items()}
   if dtype is not None:
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   (folder / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True))
