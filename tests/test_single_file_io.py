@@ -154,7 +154,7 @@ def test_bundled_configs_build_the_real_models(name):
   from transformers import CLIPTextConfig, CLIPTextModel
 
   family = families.get("sd")
-  folder = family.BUNDLED_CONFIGS / name
+  folder = family.BUNDLED_CONFIGS[name]
   configs = single_file_io.read_configs(folder, family)
   with torch.device("meta"):
     reference = {"unet": UNet2DConditionModel.from_config(configs["unet"]),

@@ -151,6 +151,8 @@ class TrainData:
         part["latent_std"] = table["std"][example["index_B"], flips]
       else:
         part["pixels"] = example["pixels_BHWC"]
+      part.update(self.family.training_image_conditioning(example["original_size_B2"], example["crop_top_left_B2"],
+                                                          self.config.resolution))
       if self.caches_text:
         rows = [self.caption_rows[c] for c in example["caption_B"]]
         part.update({k: table[rows] for k, table in self.text_table.items()})

@@ -96,6 +96,7 @@ class SubjectImages:
   captions: list[str]
   images: list[np.ndarray]  # uint8 HWC, short side == resolution
   resolution: int
+  original_sizes: list[tuple[int, int]]  # (height, width) as decoded (EXIF-rotated), before resizing
 
 
 def load_subject_images(folder, resolution: int, default_caption: str,
@@ -106,10 +107,12 @@ def load_subject_images(folder, resolution: int, default_caption: str,
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: image folder missing")
   candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-  paths, images, bad = [], [], []
+  paths, images, sizes, bad = [], [], [], []
   for path in candidates:
     try:
-      images.append(resize_short_side(open_image(path), resolution, str(path)))
+      image = open_image(path)
+      images.append(resize_short_side(image, resolution, str(path)))
+      sizes.append((image.height, image.width))
       paths.append(path)
     except Exception as e:  # PIL raises many types for broken files
       bad.append(f"{path}: {type(e).__name__}: {e}")
@@ -123,7 +126,7 @@ def load_subject_images(folder, resolution: int, default_caption: str,
     raise BadImagesError(f"{folder}: no usable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
   captions = read_captions(folder, {p.name for p in paths})
   return SubjectImages(paths=paths, captions=[captions.get(p.name, default_caption) for p in paths],
-                       images=images, resolution=resolution)
+                       images=images, resolution=resolution, original_sizes=sizes)
 
 
 def crop(image: np.ndarray, resolution: int, top: int, left: int, flip: bool) -> np.ndarray:
@@ -165,7 +168,10 @@ class SubjectIterator:
       top, left = (h - r) // 2, (w - r) // 2
     else:
       top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
-    return index, flip, crop(image, r, top, left, flip)
+    # SDXL's crop conditioning: the crop's top-left in the (flipped) resized image, as diffusers' SDXL scripts
+    # flip before cropping
+    crop_top_left = (top, w - left - r if flip else left)
+    return index, flip, crop(image, r, top, left, flip), crop_top_left
 
   def _advance(self):
     self.position += 1
@@ -179,12 +185,14 @@ class SubjectIterator:
     rows = []
     for k in range(self.local * self.process_count):
       if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
-        rows.append((*self._example(self.epoch, self.position), self.epoch, self.position))
+        rows.append(self._example(self.epoch, self.position))
       self._advance()
     batch = {
         "index_B": np.array([r[0] for r in rows], np.int32),
         "flip_B": np.array([r[1] for r in rows], bool),
         "caption_B": [self.images.captions[r[0]] for r in rows],
+        "original_size_B2": np.array([self.images.original_sizes[r[0]] for r in rows], np.int32).reshape(-1, 2),
+        "crop_top_left_B2": np.array([r[3] for r in rows], np.int32).reshape(-1, 2),
         # position in the global batch: what the trainer's per-example noise is keyed on, so the draws do not
         # depend on how the batch is laid out over processes and devices
         "slot_B": np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32),

@@ -18,10 +18,10 @@ A family is chosen from model_index.json's `_class_name` (or, for a single file,
 
 import types
 
-from dreambooth_jax.families import sd
+from dreambooth_jax.families import sd, sdxl
 from dreambooth_jax.families.spec import Component, Pipeline  # noqa: F401 (the package's names)
 
-FAMILIES: dict[str, types.ModuleType] = {"sd": sd}
+FAMILIES: dict[str, types.ModuleType] = {"sd": sd, "sdxl": sdxl}
 
 
 def get(name: str) -> types.ModuleType:

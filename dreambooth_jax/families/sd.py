@@ -27,7 +27,9 @@ DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder",)
 TEXT_KEYS = ("context",)  # encode_text's outputs: what the text-embedding cache stores per caption
 ID_KEYS = ("ids",)  # tokenize's outputs
-BUNDLED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "assets" / "sd-configs"
+ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
+# Bundled config folders (single files and offline memory plans), by name.
+BUNDLED_CONFIGS = {"sd15": ASSETS / "sd-configs" / "sd15", "sd21": ASSETS / "sd-configs" / "sd21"}
 # Hub ids whose shapes the bundled configs describe (the memory plan works offline with them).
 KNOWN_HUB_CONFIGS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": "sd15", "runwayml/stable-diffusion-v1-5": "sd15",
@@ -46,6 +48,12 @@ def latent_factor(configs: dict) -> int:
 def default_resolution(configs: dict) -> int:
   """The resolution the UNet was trained at (512 for 1.x and 2.x-base, 768 for 2.x)."""
   return int(configs["unet"].get("sample_size") or 64) * latent_factor(configs)
+
+
+def component_dtype(component: str, config, dtype):
+  """The compute dtype a component is built with: as asked (SD's VAE runs in fp16 in practice)."""
+  del component, config
+  return dtype
 
 
 def tokenize(tokenizers: dict, prompts) -> dict:
@@ -81,6 +89,17 @@ def image_conditioning_spec(pipeline) -> dict:
 def sampling_image_conditioning(height: int, width: int, batch: int) -> dict:
   del height, width, batch
   return {}
+
+
+def training_image_conditioning(original_size_B2, crop_top_left_B2, resolution: int) -> dict:
+  del original_size_B2, crop_top_left_B2, resolution
+  return {}
+
+
+def zero_unconditional(configs: dict, negative_prompts) -> bool:
+  """Whether guidance's unconditional text is zeros instead of the encoded negative prompt: never for SD."""
+  del configs, negative_prompts
+  return False
 
 
 def denoise(modules: dict, x_BHWC, t_B, text: dict, image: dict):

@@ -188,6 +188,7 @@ def read_component_weights(model_dir: pathlib.Path, family, component: str, vari
 
 def make_model(family, component: str, config, *, seed: int = 0, dtype=jnp.float32, param_dtype=jnp.float32,
                **kwargs):
+  dtype = family.component_dtype(component, config, dtype)  # e.g. SDXL's VAE never computes in fp16
   return family.COMPONENTS[component].model_class(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
                                                   **kwargs)
 
@@ -281,8 +282,7 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
                     unet_kwargs: dict | None = None, abstract: bool = False) -> Pipeline:
   """A pipeline with seeded random weights from a folder of config.json files only (the offline default).
   abstract: every parameter a ShapeDtypeStruct (nnx.eval_shape), nothing allocated (memory planning).
-  A tokenizer folder missing from config_dir is the bundled CLIP BPE."""
-  from dreambooth_jax.io import tokenizers  # noqa: PLC0415
+  A tokenizer folder without its vocabulary is the bundled CLIP BPE (with the folder's settings)."""
   from dreambooth_jax.sampling import schedules  # noqa: PLC0415
 
   config_dir = pathlib.Path(config_dir)
@@ -296,10 +296,9 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
                              param_dtype=param_dtype, **component_kwargs(family, component, unet_kwargs))
     modules[component] = nnx.eval_shape(make) if abstract else make()
   configs["scheduler"] = read_json(config_dir / "scheduler" / "scheduler_config.json")
-  tokenizer_dirs = {t: config_dir / t if (config_dir / t).is_dir() else tokenizers.BUNDLED_TOKENIZER
-                    for t in family.TOKENIZERS}
+  from dreambooth_jax.io import single_file  # noqa: PLC0415 (single_file imports this module)
   return Pipeline(family=family, modules=modules,
-                  tokenizers={t: tokenizers.load_tokenizer(d) for t, d in tokenizer_dirs.items()},
+                  tokenizers={t: single_file.load_config_tokenizer(config_dir, t) for t in family.TOKENIZERS},
                   schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
 
 

@@ -35,9 +35,9 @@ def config_dir(config, tensors, where: str) -> pathlib.Path:
   family = detect_family(tensors, where)
   if config == "auto":
     config = family.single_file_config(tensors)
-  bundled = sorted(p.name for p in family.BUNDLED_CONFIGS.iterdir() if p.is_dir())
+  bundled = sorted(family.BUNDLED_CONFIGS)
   if config in bundled:
-    return family.BUNDLED_CONFIGS / config
+    return family.BUNDLED_CONFIGS[config]
   folder = pathlib.Path(config).expanduser()
   if not (folder / "model_index.json").is_file():
     raise CheckpointError(f"config={str(config)!r}: expected 'auto', one of {bundled} or a diffusers folder with "
@@ -55,18 +55,10 @@ def read_configs(folder: pathlib.Path, family) -> dict:
 
 
 def load_config_tokenizer(folder: pathlib.Path, name: str = "tokenizer"):
-  """The folder's tokenizer if it has one; else the bundled CLIP BPE files with the folder's
-  <name>_config.json settings (SD 2.x pads with "!")."""
-  if (folder / name / "vocab.json").is_file():
-    return tokenizers.load_tokenizer(folder / name)
-  settings_file = folder / f"{name}_config.json"
-  settings = diffusers_folder.read_json(settings_file) if settings_file.is_file() else {}
-  from transformers import CLIPTokenizer  # noqa: PLC0415 (slow import)
-
-  kwargs = {k: settings[k] for k in ("pad_token", "bos_token", "eos_token", "unk_token") if k in settings}
-  bundled = tokenizers.BUNDLED_TOKENIZER
-  return CLIPTokenizer(str(bundled / "vocab.json"), str(bundled / "merges.txt"),
-                       model_max_length=settings.get("model_max_length", 77), **kwargs)
+  """The folder's tokenizer; for bundled configs the CLIP BPE with the folder's settings (SD 2.x and SDXL's second
+  tokenizer pad with "!"), kept as <name>/tokenizer_config.json or, for SD, <name>_config.json beside it."""
+  return tokenizers.load_tokenizer(folder / name, settings_file=folder / f"{name}_config.json"
+                                   if (folder / f"{name}_config.json").is_file() else None)
 
 
 def _torch_shape(path: tuple, shape: tuple) -> tuple:

@@ -1,5 +1,6 @@
 """The CLIP BPE tokenizer (transformers' CLIPTokenizer, the one piece of transformers used at run time)."""
 
+import json
 import pathlib
 
 import numpy as np
@@ -7,13 +8,25 @@ import numpy as np
 BUNDLED_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "clip-tokenizer"
 
 
-def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77):
-  """Reads a tokenizer folder (vocab.json + merges.txt, or tokenizer.json) as saved by diffusers/transformers."""
+SETTINGS = ("pad_token", "bos_token", "eos_token", "unk_token")
+
+
+def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77, settings_file=None):
+  """Reads a tokenizer folder (vocab.json + merges.txt, or tokenizer.json) as saved by diffusers/transformers.
+
+  A folder with only a tokenizer_config.json (bundled model configs: the vocabulary is the same CLIP BPE for
+  every family) gets the bundled vocabulary with that file's settings, e.g. SDXL's second tokenizer and SD 2.x
+  pad with "!". settings_file: such a file kept elsewhere (the sd-configs layout keeps it beside the folder)."""
   from transformers import CLIPTokenizer  # noqa: PLC0415 (slow import, only where needed)
 
   folder = pathlib.Path(folder)
-  if not folder.is_dir():
-    raise FileNotFoundError(f"{folder}: tokenizer folder missing")
+  has_vocab = (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
+  if not has_vocab:
+    settings_file = settings_file or folder / "tokenizer_config.json"
+    settings = json.loads(pathlib.Path(settings_file).read_text()) if pathlib.Path(settings_file).is_file() else {}
+    kwargs = {k: settings[k] for k in SETTINGS if k in settings}
+    return CLIPTokenizer(str(BUNDLED_TOKENIZER / "vocab.json"), str(BUNDLED_TOKENIZER / "merges.txt"),
+                         model_max_length=settings.get("model_max_length", max_length), **kwargs)
   if (folder / "vocab.json").is_file() and not (folder / "tokenizer_config.json").is_file():
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
   return CLIPTokenizer.from_pretrained(str(folder))

@@ -25,6 +25,7 @@ class VAEConfig:
   mid_block_add_attention: bool = True
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True
+  force_upcast: bool = True  # the VAE overflows in fp16 (diffusers' default; SDXL pipelines honour it)
 
   @classmethod
   def from_dict(cls, config: dict) -> "VAEConfig":
@@ -43,6 +44,7 @@ class VAEConfig:
         scaling_factor=config.get("scaling_factor", 0.18215), shift_factor=config.get("shift_factor") or 0.0,
         mid_block_add_attention=config.get("mid_block_add_attention", True),
         use_quant_conv=config.get("use_quant_conv", True), use_post_quant_conv=config.get("use_post_quant_conv", True),
+        force_upcast=bool(config.get("force_upcast", True)),
     )
 
 

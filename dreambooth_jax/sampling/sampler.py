@@ -40,14 +40,19 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, jnp.float32))(keys_B)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "settings"))
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "settings", "zero_uncond"))
 def _generate(family, graphdefs, states, schedule, cond_ids, uncond_ids, image_cond, latents_BHWC, keys_B, *,
-              settings):
-  """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders."""
+              settings, zero_uncond):
+  """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders.
+  zero_uncond: the unconditional text is zeros (the family's rule for an empty negative prompt)."""
   modules = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
   guided = settings.guidance != 1.0
-  ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if guided else cond_ids
-  text = family.encode_text(modules, ids)
+  if guided and zero_uncond:
+    cond = family.encode_text(modules, cond_ids)
+    text = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), cond)
+  else:
+    ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if guided else cond_ids
+    text = family.encode_text(modules, ids)
   if guided:
     image_cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), image_cond)
   timesteps = schedule_lib.ddim_timesteps(schedule, settings.steps)
@@ -118,7 +123,7 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   graphdefs = tuple((name, graphdef) for name, (graphdef, _) in split.items())
   states = tuple(state for _, state in split.values())
   return _generate(family, graphdefs, states, pipe.schedule, cond, uncond, image_cond, latents, keys_B,
-                   settings=settings)
+                   settings=settings, zero_uncond=family.zero_unconditional(pipe.configs, negative_prompt))
 
 
 def generate_all(pipe, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 4, first_index: int = 0,

@@ -34,7 +34,7 @@ def known_hub_configs(hub_id: str) -> pathlib.Path | None:
   """The bundled configs with the same shapes as a known hub model (the plan then works offline)."""
   for family in families.FAMILIES.values():
     if hub_id in family.KNOWN_HUB_CONFIGS:
-      return family.BUNDLED_CONFIGS / family.KNOWN_HUB_CONFIGS[hub_id]
+      return family.BUNDLED_CONFIGS[family.KNOWN_HUB_CONFIGS[hub_id]]
   return None
 
 

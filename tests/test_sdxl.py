@@ -1,0 +1,138 @@
+"""The SDXL family end to end against diffusers' StableDiffusionXLPipeline (PyTorch) on a tiny random-weight folder:
+text conditioning (both encoders' penultimate states, the projected pooled vector, zeros for an empty negative
+prompt), the whole DDIM sampler from given latents, training with real per-image time ids, export.
+
+Tolerance: fp32; text 1e-4 relative to the output's scale, images 1e-4 absolute on [0, 1].
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from test_train import fast_config, read_losses
+from dreambooth_jax.io import diffusers_folder
+from dreambooth_jax.sampling import sampler
+
+PROMPTS = ["a photo of sks dog", "a dog on the beach"]
+
+
+@pytest.fixture(scope="module")
+def pipes(tiny_sdxl_dir):
+  from diffusers import StableDiffusionXLPipeline
+  ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+  ref.set_progress_bar_config(disable=True)
+  return ref, diffusers_folder.load_pipeline(tiny_sdxl_dir)
+
+
+def assert_close(ours, ref, tol=1e-4):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  err, scale = np.abs(ours - ref).max(), max(1.0, np.abs(ref).max())
+  assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def test_loads_as_the_sdxl_family(pipes):
+  _, ours = pipes
+  assert ours.family.NAME == "sdxl" and set(ours.modules) == {"unet", "vae", "text_encoder", "text_encoder_2"}
+  assert ours.vae.config.scaling_factor == 0.13025
+  assert ours.tokenizer_2.pad_token == "!"  # SDXL's second tokenizer pads with "!" (id 0), not EOS
+
+
+def test_text_conditioning_matches_encode_prompt(pipes):
+  ref, ours = pipes
+  with torch.no_grad():
+    embeds, negative, pooled, negative_pooled = ref.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=1,
+                                                                  do_classifier_free_guidance=True)
+  text = jax.jit(ours.family.encode_text)(ours.modules, ours.family.tokenize(ours.tokenizers, PROMPTS))
+  assert_close(text["context"], embeds.numpy())
+  assert_close(text["text_embeds"], pooled.numpy())
+  # force_zeros_for_empty_prompt: no negative prompt -> zero unconditional embeddings
+  assert float(negative.abs().max()) == 0.0 and float(negative_pooled.abs().max()) == 0.0
+  assert ours.family.zero_unconditional(ours.configs, ["", ""])
+  assert not ours.family.zero_unconditional(ours.configs, ["blurry", ""])
+
+
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_guided_ddim_sampler_matches_diffusers(pipes, negative):
+  from diffusers import DDIMScheduler
+  ref, ours = pipes
+  ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+  latents_NCHW = np.random.default_rng(0).standard_normal((2, 4, 16, 16)).astype(np.float32)
+  expected = ref(PROMPTS, height=32, width=32, num_inference_steps=6, guidance_scale=5.0,
+                 negative_prompt=None if negative is None else [negative] * 2,
+                 latents=torch.from_numpy(latents_NCHW), output_type="np").images
+  settings = sampler.SamplerSettings(steps=6, guidance=5.0, height=32, width=32)
+  got = sampler.generate(ours, PROMPTS, [0, 1], settings=settings, negative_prompt=negative or "",
+                         init_latents_BHWC=latents_NCHW.transpose(0, 2, 3, 1))
+  err = np.abs(np.asarray(got) - expected).max()
+  assert err <= 1e-4, f"max abs error {err:.3g}"
+
+
+def test_vae_never_computes_in_fp16(tiny_sdxl_dir):
+  import jax.numpy as jnp
+  pipe = diffusers_folder.load_pipeline(tiny_sdxl_dir, dtype=jnp.float16)
+  assert pipe.vae.dtype == jnp.float32 and pipe.unet.dtype == jnp.float16
+  assert diffusers_folder.load_pipeline(tiny_sdxl_dir, dtype=jnp.bfloat16).vae.dtype == jnp.bfloat16
+
+
+def test_training_batches_carry_each_images_time_ids(tiny_sdxl_dir, tmp_path):
+  from dreambooth_jax import sharding
+  from dreambooth_jax.data import batches
+  config = fast_config(f"pretrained_model_name_or_path={tiny_sdxl_dir}", "random_init=False",
+                       "with_prior_preservation=False", "train_batch_size=5", "random_flip=True")
+  pipe = diffusers_folder.load_pipeline(tiny_sdxl_dir)
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  data = batches.TrainData(config, pipe, mesh, tmp_path)
+  batch = data.next_batch()
+  assert set(batch) == set(batches.batch_schema(config, pipe)) >= {"time_ids", "context", "text_embeds"}
+  time_ids = np.asarray(batch["time_ids"])[0]
+  images = data.sets["instance"]
+  # original (h, w) of each photo as decoded, crop top-left, target (32, 32)
+  sizes = {tuple(s) for s in images.original_sizes}
+  assert {tuple(row[:2].astype(int)) for row in time_ids} <= sizes and len(sizes) >= 1
+  assert (time_ids[:, 4:] == 32).all()
+  for row in time_ids:  # centre crops: the crop offset is half the resized overhang on the long side
+    h, w = row[:2]
+    resized = (max(32, round(h * 32 / min(h, w))), max(32, round(w * 32 / min(h, w))))
+    assert tuple(row[2:4].astype(int)) == ((resized[0] - 32) // 2, (resized[1] - 32) // 2)
+
+
+@pytest.fixture(scope="module")
+def sdxl_run(tiny_sdxl_dir, tmp_path_factory):
+  from dreambooth_jax.training import run
+  workdir = tmp_path_factory.mktemp("sdxl") / "run"
+  config = fast_config(f"pretrained_model_name_or_path={tiny_sdxl_dir}", "random_init=False", "max_train_steps=12",
+                       "checkpointing_steps=6", "validation_steps=12", "num_class_images=2",
+                       "sample_batch_size=2", "learning_rate=1e-3")
+  run.train(config, workdir)
+  return workdir
+
+
+def test_sdxl_dreambooth_run_trains_and_exports_a_diffusers_folder(sdxl_run, tiny_sdxl_dir):
+  from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+  losses = read_losses(sdxl_run)
+  assert sorted(losses) == list(range(1, 13)) and all(np.isfinite(list(losses.values())))
+  assert len(list((sdxl_run / "class_images").glob("class_*.png"))) == 2
+  export = sdxl_run / "export"
+  assert json.loads((export / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+  ref = StableDiffusionXLPipeline.from_pretrained(export)
+  ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+  ref.set_progress_bar_config(disable=True)
+  latents = np.random.default_rng(1).standard_normal((1, 4, 16, 16)).astype(np.float32)
+  expected = ref(PROMPTS[:1], height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
+                 latents=torch.from_numpy(latents), output_type="np").images
+  ours = diffusers_folder.load_pipeline(export)
+  got = sampler.generate(ours, PROMPTS[:1], [0], settings=sampler.SamplerSettings(steps=3, guidance=4.0, height=32,
+                                                                                   width=32),
+                         init_latents_BHWC=latents.transpose(0, 2, 3, 1))
+  assert np.abs(np.asarray(got) - expected).max() <= 1e-4
+  # the trained UNet differs from the base one; the frozen parts are the base's
+  base = diffusers_folder.load_pipeline(tiny_sdxl_dir)
+  trained, original = (diffusers_folder.module_state_dict(p.unet) for p in (ours, base))
+  assert any(not np.array_equal(trained[k], original[k]) for k in trained)
+  for name in ("vae", "text_encoder", "text_encoder_2"):
+    a, b = (diffusers_folder.module_state_dict(p.modules[name]) for p in (ours, base))
+    assert all(np.array_equal(a[k], b[k]) for k in a), name
