@@ -1,6 +1,7 @@
-"""Jitted batch DDIM sampling with classifier-free guidance, VAE decode included, sharded over a mesh.
+"""Jitted batch sampling with classifier-free guidance, VAE decode included, sharded over a mesh; the scheduler
+(DDIM, DPM++ 2M, Euler, Euler a) comes from sampling/schedulers.py.
 
-One `lax.fori_loop` over the DDIM steps; conditional and unconditional halves go through the UNet in one
+One `lax.fori_loop` over the scheduler's steps; conditional and unconditional halves go through the UNet in one
 batched call. The whole generation (text encoding, loop, decode) is one compiled function per shape.
 Initial latents come from per-image keys, so image i of seed s is the same whatever the batch it lands in.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.sampling import schedules as schedule_lib
+from dreambooth_jax.sampling import schedulers
 from dreambooth_jax.io.tokenizers import tokenize
 
 
@@ -28,6 +29,11 @@ class SamplerSettings:
   eta: float = 0.0
   height: int = 512
   width: int = 512
+  scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+  karras: bool = False  # Karras sigmas (dpmpp_2m, euler)
+
+  def __post_init__(self):
+    schedulers.check_name(self.scheduler, self.karras)
 
 
 def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:
@@ -41,28 +47,30 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdefs", "settings", "vae_scale"))
-def _generate(graphdefs, states, schedule, cond_ids_BT, uncond_ids_BT, latents_BHWC, keys_B, *, settings, vae_scale):
+def _generate(graphdefs, states, plan, cond_ids_BT, uncond_ids_BT, latents_BHWC, keys_B, *, settings, vae_scale):
   unet, vae, text_encoder = (nnx.merge(g, s) for g, s in zip(graphdefs, states))
   guided = settings.guidance != 1.0
   ids = jnp.concatenate([uncond_ids_BT, cond_ids_BT]) if guided else cond_ids_BT
   context_BSD, _ = text_encoder(ids)
-  timesteps = schedule_lib.ddim_timesteps(schedule, settings.steps)
-  prev_timesteps = schedule_lib.ddim_prev_timesteps(schedule, timesteps)
-  timesteps, prev_timesteps = jnp.asarray(timesteps), jnp.asarray(prev_timesteps)
 
-  def step(i, x_BHWC):
-    t, prev_t = timesteps[i], prev_timesteps[i]
+  def step(i, x_and_carry):
+    x_BHWC, carry = x_and_carry
     x_in = jnp.concatenate([x_BHWC, x_BHWC]) if guided else x_BHWC
-    out = unet(x_in, jnp.full((x_in.shape[0],), t), context_BSD).astype(jnp.float32)
+    x_in = schedulers.scale_model_input(plan, i, x_in)
+    out = unet(x_in, jnp.full((x_in.shape[0],), plan.timesteps[i]), context_BSD).astype(jnp.float32)
     if guided:
       uncond, cond = jnp.split(out, 2)
       out = uncond + settings.guidance * (cond - uncond)
     noise = None
-    if settings.eta > 0:
+    if schedulers.needs_noise(plan):  # DDIM eta > 0, Euler a: per image, per step
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BHWC.shape[1:]))(keys_B)
-    return schedule_lib.ddim_step(schedule, out, t, prev_t, x_BHWC, eta=settings.eta, noise=noise)
+    return schedulers.step(plan, i, out, x_BHWC, carry, noise)
 
-  latents_BHWC = jax.lax.fori_loop(0, settings.steps, step, latents_BHWC.astype(jnp.float32))
+  latents_BHWC = latents_BHWC.astype(jnp.float32)
+  if schedulers.initial_noise_scale(plan) != 1.0:  # Euler: the pipeline scales given latents too
+    latents_BHWC = latents_BHWC * schedulers.initial_noise_scale(plan)
+  latents_BHWC, _ = jax.lax.fori_loop(0, settings.steps, step,
+                                      (latents_BHWC, schedulers.initial_carry(plan, latents_BHWC)))
   images = vae.decode(latents_BHWC / vae_scale).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0)  # [0, 1] floats, NHWC
 
@@ -106,7 +114,8 @@ def generate(sd, prompts: Sequence[str], indices: Sequence[int], *, seed: int = 
         for x in (np.asarray(cond), np.asarray(uncond), np.asarray(latents), np.asarray(jax.random.key_data(keys_B))))
     keys_B = jax.random.wrap_key_data(key_data)
   graphdefs, states = zip(*(nnx.split(m) for m in (unet, sd.vae, sd.text_encoder)))
-  return _generate(tuple(graphdefs), tuple(states), sd.schedule, cond, uncond, latents, keys_B,
+  plan = schedulers.make_plan(sd.schedule, settings.scheduler, settings.steps, karras=settings.karras, eta=settings.eta)
+  return _generate(tuple(graphdefs), tuple(states), plan, cond, uncond, latents, keys_B,
                    settings=settings, vae_scale=sd.vae.config.scaling_factor)
 
 
