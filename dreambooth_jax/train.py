@@ -237,7 +237,9 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
     prior.ensure_class_images(
         sd, class_dir, config.class_prompt, config.num_class_images, seed=config.seed,
         settings=sampling.SamplerSettings(steps=config.class_generation_steps, guidance=config.class_guidance,
-                                          height=config.resolution, width=config.resolution),
+                                          height=config.resolution, width=config.resolution,
+                                          scheduler=config.get("sample_scheduler", "ddim"),
+                                          karras=config.get("sample_karras", False)),
         batch_size=config.sample_batch_size, mesh=mesh)
   data = train_data.TrainData(config, sd, mesh, workdir)
   frozen = jax.device_put(frozen, step.frozen_shardings)

@@ -165,3 +165,19 @@ def test_pipeline_matches_diffusers(which, name, karras, tiny_sd1_dir, tiny_sd2_
                           init_latents_BHWC=latents_NCHW.transpose(0, 2, 3, 1))
   err = np.abs(np.asarray(got) - expected).max()
   assert err <= 1e-4, f"max abs error {err:.3g}"
+
+
+def test_sample_cli_scheduler_flags(tiny_sd1_dir, tmp_path):
+  import json  # noqa: PLC0415
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  base = [sys.executable, "-m", "dreambooth_jax.sample", f"--model={tiny_sd1_dir}", "--prompt=a dog", "--steps=2",
+          "--height=32", "--width=32"]
+  result = subprocess.run(base + [f"--out={tmp_path / 'out'}", "--scheduler=euler", "--karras"],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  settings = json.loads((tmp_path / "out" / "index.json").read_text())["settings"]
+  assert settings["scheduler"] == "euler" and settings["karras"] is True
+  refused = subprocess.run(base + [f"--out={tmp_path / 'no'}", "--scheduler=euler_a", "--karras"],
+                           capture_output=True, text=True, timeout=300)
+  assert refused.returncode != 0 and "karras" in refused.stderr and not (tmp_path / "no").exists()

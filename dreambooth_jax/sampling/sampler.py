@@ -33,7 +33,7 @@ class SamplerSettings:
   karras: bool = False  # Karras sigmas (dpmpp_2m, euler)
 
   def __post_init__(self):
-    schedulers.check_name(self.scheduler, self.karras)
+    schedulers.check_name(self.scheduler, self.karras, self.eta)
 
 
 def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:

@@ -40,11 +40,14 @@ class Plan:
   init_noise_sigma: float = dataclasses.field(metadata=dict(static=True))
 
 
-def check_name(name: str, karras: bool = False):
+def check_name(name: str, karras: bool = False, eta: float = 0.0):
+  """Refuses an unknown scheduler, Karras sigmas where diffusers has none, and eta outside DDIM."""
   if name not in SCHEDULERS:
     raise ValueError(f"scheduler {name!r} is not supported (supported: {list(SCHEDULERS)})")
   if karras and name not in KARRAS:
     raise ValueError(f"karras sigmas are offered (as in diffusers) for {list(KARRAS)} only, not {name!r}")
+  if eta and name != "ddim":
+    raise ValueError(f"eta={eta} applies to the ddim scheduler only, not {name!r}")
 
 
 def _train_sigmas(schedule) -> np.ndarray:
@@ -172,9 +175,7 @@ def _dpm_coefs(sigmas, n, schedule):
 
 def make_plan(schedule, name: str, steps: int, *, karras: bool = False, eta: float = 0.0) -> Plan:
   """The tables of scheduler `name` with `steps` steps on `schedule` (the model's scheduler config)."""
-  check_name(name, karras)
-  if eta and name != "ddim":
-    raise ValueError(f"eta={eta} applies to the ddim scheduler only, not {name!r}")
+  check_name(name, karras, eta)
   if name == "euler_a" and schedule.prediction_type == "sample":
     raise ValueError("euler_a: prediction_type 'sample' is not implemented (as in diffusers)")
   empty = np.zeros((0,), np.float32)
