@@ -69,7 +69,7 @@ def _generate(graphdefs, states, plan, cond_ids_BT, uncond_ids_BT, latents_BHWC,
   latents_BHWC = latents_BHWC.astype(jnp.float32)
   if schedulers.initial_noise_scale(plan) != 1.0:  # Euler: the pipeline scales given latents too
     latents_BHWC = latents_BHWC * schedulers.initial_noise_scale(plan)
-  latents_BHWC, _ = jax.lax.fori_loop(0, settings.steps, step,
+  latents_BHWC, _ = jax.lax.fori_loop(0, plan.steps, step,
                                       (latents_BHWC, schedulers.initial_carry(plan, latents_BHWC)))
   images = vae.decode(latents_BHWC / vae_scale).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0)  # [0, 1] floats, NHWC

@@ -178,21 +178,23 @@ def make_plan(schedule, name: str, steps: int, *, karras: bool = False, eta: flo
   check_name(name, karras, eta)
   if name == "euler_a" and schedule.prediction_type == "sample":
     raise ValueError("euler_a: prediction_type 'sample' is not implemented (as in diffusers)")
-  empty = np.zeros((0,), np.float32)
-  prev, init, coefs = np.zeros((steps,), np.int32), 1.0, {}
+  init, coefs = 1.0, {}
   if name == "ddim":
     timesteps = schedule_lib.ddim_timesteps(schedule, steps)
-    prev, sigmas = schedule_lib.ddim_prev_timesteps(schedule, timesteps), empty
+    prev, sigmas = schedule_lib.ddim_prev_timesteps(schedule, timesteps), np.zeros((0,), np.float32)
   elif name == "dpmpp_2m":
     timesteps, sigmas = dpm_tables(schedule, steps, karras)
     timesteps = timesteps.astype(np.float32)
-    coefs = _dpm_coefs(sigmas, steps, schedule)
+    coefs = _dpm_coefs(sigmas, len(timesteps), schedule)
   else:
     timesteps, sigmas, init = euler_tables(schedule, steps, karras, ancestral=name == "euler_a")
-    coefs = _euler_coefs(sigmas, steps, ancestral=name == "euler_a")
+    coefs = _euler_coefs(sigmas, len(timesteps), ancestral=name == "euler_a")
+  if name != "ddim":
+    prev = np.zeros((len(timesteps),), np.int32)
+  # The loop runs over the table diffusers iterates (as it does, even if trailing's arange gave one more).
   return Plan(timesteps=jnp.asarray(timesteps), prev_timesteps=jnp.asarray(prev), sigmas=jnp.asarray(sigmas),
               coefs={k: jnp.asarray(v, jnp.float32) for k, v in coefs.items()}, schedule=schedule, name=name,
-              steps=steps, eta=float(eta), init_noise_sigma=init)
+              steps=len(timesteps), eta=float(eta), init_noise_sigma=init)
 
 
 def initial_noise_scale(plan: Plan) -> float:
