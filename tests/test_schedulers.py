@@ -1,11 +1,12 @@
 """sampling/schedulers.py against diffusers' schedulers built with from_config on the same config.
 
-Tables: timesteps equal exactly (integer ones, and DPM++'s rounded Karras ones); sigmas within a few float32 ulps (5e-7 relative),
-because torch's float32 sqrt on CPU is not always correctly rounded (numpy's is), which also moves Euler's
-fractional Karras timesteps by < 1e-3. Loops: a deterministic fake model (the same function in torch and jax)
-through scale_model_input / step in a jitted fori_loop against diffusers' loop, 1e-5 relative. Euler a's noise:
-diffusers' randn_tensor is replaced by a function returning our per-step noise, so both add the same noise.
-Pipelines: our sampler against StableDiffusionPipeline with `XScheduler.from_config(pipe.scheduler.config)`.
+Tables: timesteps equal exactly (integer ones, and DPM++'s rounded Karras ones); sigmas within a few float32
+ulps (5e-7 relative), because torch's float32 sqrt on CPU is not always correctly rounded (numpy's is), which also
+moves Euler's fractional Karras timesteps by < 2e-4 (6e-5 seen). Loops: a deterministic fake model (the same
+function in torch and jax) through scale_model_input / step in a jitted fori_loop against diffusers' loop, 1e-5
+relative (<= 6e-7 seen). Euler a's noise: diffusers' randn_tensor is replaced by a function returning our
+per-step noise, so both add the same noise. Pipelines: our sampler against StableDiffusionPipeline with
+`XScheduler.from_config(pipe.scheduler.config)`, max abs error on [0, 1] images <= 1e-4 (<= 4e-6 seen).
 """
 
 import itertools
@@ -41,19 +42,18 @@ def _fake_model(xp, x, t):
   return 0.6 * x - 0.3 * xp.flip(x, (1,)) + 0.2 * xp.cos(t / 300.0)
 
 
-TABLE_CASES = [(n, s, k, sp, steps) for n in schedulers.SCHEDULERS[1:] for k in KARRAS[n]
-               for s, sp, steps in itertools.product(("epsilon",), schedules.SPACINGS, (1, 4, 25))
-               ] + [("euler", "epsilon", k, "leading", 6, ) for k in (False, True)]
+TABLE_CASES = [(n, k, sp, steps) for n in schedulers.SCHEDULERS[1:] for k in KARRAS[n]
+               for sp, steps in itertools.product(schedules.SPACINGS, (1, 4, 25))]
 
 
-@pytest.mark.parametrize("name, prediction, karras, spacing, steps", TABLE_CASES)
-def test_tables_equal_diffusers(name, prediction, karras, spacing, steps):
-  config = dict(BASE, prediction_type=prediction, timestep_spacing=spacing)
+@pytest.mark.parametrize("name, karras, spacing, steps", TABLE_CASES)
+def test_tables_equal_diffusers(name, karras, spacing, steps):
+  config = dict(BASE, timestep_spacing=spacing)
   ref = _reference(name, config, steps, karras)
   plan = schedulers.make_plan(schedules.schedule_from_config(config), name, steps, karras=karras)
   ref_t = ref.timesteps.numpy().astype(np.float32)
   if name == "euler" and karras:
-    np.testing.assert_allclose(np.asarray(plan.timesteps), ref_t, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(plan.timesteps), ref_t, rtol=0, atol=2e-4)
   else:
     np.testing.assert_array_equal(np.asarray(plan.timesteps), ref_t)
   np.testing.assert_allclose(np.asarray(plan.sigmas), ref.sigmas.numpy(), rtol=5e-7, atol=0)

@@ -10,6 +10,11 @@ diffusers' `set_timesteps` builds (model-input timesteps, sigmas) and the per-st
 float32 in diffusers' order of operations; `scale_model_input` and `step` are pure jnp functions of the step
 index. Everything that would be Python state in diffusers (step index, DPM++'s previous x0 prediction) is the
 loop index or the `carry`. Ancestral noise comes from the caller (per-image keys folded with the step index).
+
+Config fields read (NoiseSchedule): betas, prediction_type, timestep_spacing, steps_offset, interpolation_type,
+final_sigmas_type, sigma_min/max; Karras comes from the caller (a config's own use_karras_sigmas is not read).
+Numerics: alphas_cumprod as torch.cumprod gives them (schedules.torch_alphas_cumprod); integer timesteps equal
+diffusers' exactly, sigmas within a few float32 ulps (torch's CPU float32 sqrt is not always correctly rounded).
 """
 
 import dataclasses
