@@ -31,6 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sample_batch_size = 4
   c.class_generation_steps = 50
   c.class_guidance = 7.5
+  # Sampler of class images, validation and in-training evaluation: ddim | dpmpp_2m | euler | euler_a, equal to
+  # diffusers' schedulers built from the model's scheduler config; Karras sigmas for dpmpp_2m and euler.
+  c.sample_scheduler = "ddim"
+  c.sample_karras = False
   # Optimisation.
   c.train_batch_size = 1  # instance images per step (the same number of class images is added)
   c.learning_rate = 5e-6

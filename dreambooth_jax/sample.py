@@ -1,4 +1,4 @@
-"""Generate images with the jitted DDIM sampler.
+"""Generate images with the jitted sampler (DDIM, or --scheduler=dpmpp_2m|euler|euler_a [--karras]).
 
   python -m dreambooth_jax.sample --model=PATH_OR_HUB_ID --prompt="a photo of sks dog" --num_images=4 \
       --steps=50 --guidance=7.5 --seed=0 --height=512 --width=512 --out=DIR
@@ -20,6 +20,7 @@ from tqdm import tqdm
 from dreambooth_jax import sharding
 from dreambooth_jax.sampling import sampler as sampling
 from dreambooth_jax.io import diffusers_folder
+from dreambooth_jax.sampling import schedulers
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   if bool(prompt) == bool(prompts_file):
@@ -48,11 +49,14 @@ def main(argv):
       raise app.UsageError(f"--init_latents {f.init_latents}: shape {init.shape}, expected "
                            f"({len(all_prompts)}, C, H/8, W/8)")
     init = init.transpose(0, 2, 3, 1)
+  try:  # refused before the model loads
+    settings = sampling.SamplerSettings(steps=f.steps, guidance=f.guidance, eta=f.eta, height=f.height,
+                                        width=f.width, scheduler=f.scheduler, karras=f.karras)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
   pipe = diffusers_folder.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
   mesh = sharding.make_mesh()
-  settings = sampling.SamplerSettings(steps=f.steps, guidance=f.guidance, eta=f.eta, height=f.height,
-                                      width=f.width)
   out = pathlib.Path(f.out)
   out.mkdir(parents=True, exist_ok=True)
   index, start, first_batch = [], time.perf_counter(), None
@@ -73,7 +77,7 @@ def main(argv):
   print(f"wrote {len(index)} images to {out} (first batch incl. compile {first_batch:.1f}s, {rate:.2f} images/s)")
   settings_json = {k: v for k, v in f.flag_values_dict().items() if k in {
       "model", "prompt", "prompts_file", "negative_prompt", "num_images", "steps", "guidance", "eta", "seed",
-      "height", "width", "batch_size", "init_latents", "random_init", "dtype"}}
+      "height", "width", "batch_size", "init_latents", "random_init", "dtype", "scheduler", "karras"}}
   (out / "index.json").write_text(json.dumps({"settings": settings_json, "images": index}, indent=2))
 
 
@@ -83,9 +87,13 @@ def define_flags():
   flags.DEFINE_string("prompts_file", None, "Text file with one prompt per line.")
   flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional half of guidance).")
   flags.DEFINE_integer("num_images", 1, "Images per prompt.")
-  flags.DEFINE_integer("steps", 50, "DDIM steps.")
+  flags.DEFINE_integer("steps", 50, "Sampler steps.")
+  flags.DEFINE_enum("scheduler", "ddim", list(schedulers.SCHEDULERS),
+                    "Sampler, equal to diffusers' DDIM, DPMSolverMultistep (DPM++ 2M), EulerDiscrete, "
+                    "EulerAncestralDiscrete schedulers built from the model's scheduler config.")
+  flags.DEFINE_bool("karras", False, "Karras sigmas (use_karras_sigmas; dpmpp_2m and euler).")
   flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1 = off).")
-  flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic DDIM).")
+  flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic DDIM; ddim only).")
   flags.DEFINE_integer("seed", 0, "Seed; image k uses fold_in(seed, k).")
   flags.DEFINE_integer("height", 512, "Image height.")
   flags.DEFINE_integer("width", 512, "Image width.")

@@ -154,7 +154,8 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
     _, view, step = run_state.load_run(workdir, None)
     prompts = subject_prompts(classes[subject], templates, token, prompts_limit)
     settings = sampling.SamplerSettings(steps=sample_steps, guidance=guidance, height=config.resolution,
-                                        width=config.resolution)
+                                        width=config.resolution, scheduler=config.get("sample_scheduler", "ddim"),
+                                        karras=config.get("sample_karras", False))
     generated = generate_prompts(view, prompts, sub_out / "generated", images_per_prompt=images_per_prompt,
                                  seed=config.seed, settings=settings, batch_size=batch_size)
     class_generated = None
@@ -182,7 +183,9 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
       rows[0][key] = mean(key, results.values())
   table = {"rows": rows, "per_subject": results, "real_per_subject": real, "models": encoders.names,
            "protocol": {"token": token, "images_per_prompt": images_per_prompt, "sample_steps": sample_steps,
-                        "guidance": guidance, "prompts_limit": prompts_limit, "pres_images": pres_images}}
+                        "guidance": guidance, "prompts_limit": prompts_limit, "pres_images": pres_images,
+                        "scheduler": base_config.get("sample_scheduler", "ddim"),
+                        "karras": base_config.get("sample_karras", False)}}
   out.mkdir(parents=True, exist_ok=True)
   (out / "table.json").write_text(json.dumps(table, indent=2))
   (out / "table.md").write_text("# DreamBooth protocol (Table 1 layout)\n\n" + table_markdown(rows))

@@ -1,7 +1,8 @@
-"""Jitted batch DDIM sampling with classifier-free guidance, VAE decode included, sharded over a mesh, for every
-model family (the family tokenizes, encodes the text and calls its denoiser).
+"""Jitted batch sampling with classifier-free guidance, VAE decode included, sharded over a mesh, for every model
+family (the family tokenizes, encodes the text and calls its denoiser); the scheduler (DDIM, DPM++ 2M, Euler,
+Euler a) comes from sampling/schedulers.py.
 
-One `lax.fori_loop` over the DDIM steps; conditional and unconditional halves go through the UNet in one
+One `lax.fori_loop` over the scheduler's steps; conditional and unconditional halves go through the denoiser in one
 batched call. The whole generation (text encoding, loop, decode) is one compiled function per shape.
 Initial latents come from per-image keys, so image i of seed s is the same whatever the batch it lands in.
 """
@@ -18,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.sampling import schedules as schedule_lib
+from dreambooth_jax.sampling import schedulers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,11 @@ class SamplerSettings:
   eta: float = 0.0
   height: int = 512
   width: int = 512
+  scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+  karras: bool = False  # Karras sigmas (dpmpp_2m, euler)
+
+  def __post_init__(self):
+    schedulers.check_name(self.scheduler, self.karras, self.eta)
 
 
 def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:
@@ -41,7 +47,7 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("family", "graphdefs", "settings", "zero_uncond"))
-def _generate(family, graphdefs, states, schedule, cond_ids, uncond_ids, image_cond, latents_BHWC, keys_B, *,
+def _generate(family, graphdefs, states, plan, cond_ids, uncond_ids, image_cond, latents_BHWC, keys_B, *,
               settings, zero_uncond):
   """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders.
   zero_uncond: the unconditional text is zeros (the family's rule for an empty negative prompt)."""
@@ -55,23 +61,26 @@ def _generate(family, graphdefs, states, schedule, cond_ids, uncond_ids, image_c
     text = family.encode_text(modules, ids)
   if guided:
     image_cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), image_cond)
-  timesteps = schedule_lib.ddim_timesteps(schedule, settings.steps)
-  prev_timesteps = schedule_lib.ddim_prev_timesteps(schedule, timesteps)
-  timesteps, prev_timesteps = jnp.asarray(timesteps), jnp.asarray(prev_timesteps)
 
-  def step(i, x_BHWC):
-    t, prev_t = timesteps[i], prev_timesteps[i]
+  def step(i, x_and_carry):
+    x_BHWC, carry = x_and_carry
     x_in = jnp.concatenate([x_BHWC, x_BHWC]) if guided else x_BHWC
-    out = family.denoise(modules, x_in, jnp.full((x_in.shape[0],), t), text, image_cond).astype(jnp.float32)
+    x_in = schedulers.scale_model_input(plan, i, x_in)
+    t_B = jnp.full((x_in.shape[0],), plan.timesteps[i])
+    out = family.denoise(modules, x_in, t_B, text, image_cond).astype(jnp.float32)
     if guided:
       uncond, cond = jnp.split(out, 2)
       out = uncond + settings.guidance * (cond - uncond)
     noise = None
-    if settings.eta > 0:
+    if schedulers.needs_noise(plan):  # DDIM eta > 0, Euler a: per image, per step
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BHWC.shape[1:]))(keys_B)
-    return schedule_lib.ddim_step(schedule, out, t, prev_t, x_BHWC, eta=settings.eta, noise=noise)
+    return schedulers.step(plan, i, out, x_BHWC, carry, noise)
 
-  latents_BHWC = jax.lax.fori_loop(0, settings.steps, step, latents_BHWC.astype(jnp.float32))
+  latents_BHWC = latents_BHWC.astype(jnp.float32)
+  if schedulers.initial_noise_scale(plan) != 1.0:  # Euler: the pipeline scales given latents too
+    latents_BHWC = latents_BHWC * schedulers.initial_noise_scale(plan)
+  latents_BHWC, _ = jax.lax.fori_loop(0, plan.steps, step,
+                                      (latents_BHWC, schedulers.initial_carry(plan, latents_BHWC)))
   vae = modules["vae"]
   images = vae.decode(vae.unscale_latents(latents_BHWC)).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0)  # [0, 1] floats, NHWC
@@ -122,7 +131,9 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   split = {name: nnx.split(modules[name]) for name in (family.DENOISER, "vae", *family.TEXT_ENCODERS)}
   graphdefs = tuple((name, graphdef) for name, (graphdef, _) in split.items())
   states = tuple(state for _, state in split.values())
-  return _generate(family, graphdefs, states, pipe.schedule, cond, uncond, image_cond, latents, keys_B,
+  plan = schedulers.make_plan(pipe.schedule, settings.scheduler, settings.steps, karras=settings.karras,
+                              eta=settings.eta)
+  return _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents, keys_B,
                    settings=settings, zero_uncond=family.zero_unconditional(pipe.configs, negative_prompt))
 
 

@@ -16,6 +16,8 @@ import numpy as np
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 SPACINGS = ("leading", "trailing", "linspace")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+INTERPOLATIONS = ("linear", "log_linear")
+FINAL_SIGMAS = ("zero", "sigma_min")
 
 
 @jax.tree_util.register_dataclass
@@ -29,6 +31,16 @@ class NoiseSchedule:
   timestep_spacing: str = dataclasses.field(metadata=dict(static=True))
   clip_sample: bool = dataclasses.field(metadata=dict(static=True))
   clip_sample_range: float = dataclasses.field(metadata=dict(static=True))
+  # Fields only the other samplers read (sampling/schedulers.py); diffusers' defaults when the config lacks them.
+  interpolation_type: str = dataclasses.field(default="linear", metadata=dict(static=True))  # Euler
+  final_sigmas_type: str = dataclasses.field(default="zero", metadata=dict(static=True))  # Euler, DPM++
+  sigma_min: float | None = dataclasses.field(default=None, metadata=dict(static=True))  # Euler's Karras range
+  sigma_max: float | None = dataclasses.field(default=None, metadata=dict(static=True))
+  # The beta config again, so the other samplers can rebuild alphas_cumprod exactly as torch.cumprod does.
+  beta_schedule: str = dataclasses.field(default="linear", metadata=dict(static=True))
+  beta_start: float = dataclasses.field(default=0.0001, metadata=dict(static=True))
+  beta_end: float = dataclasses.field(default=0.02, metadata=dict(static=True))
+  trained_betas: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def betas_from_config(config: dict) -> np.ndarray:
@@ -55,6 +67,10 @@ def schedule_from_config(config: dict) -> NoiseSchedule:
     if config.get(key, default) not in allowed:
       raise ValueError(f"scheduler: config key {key!r} = {config.get(key)!r} is not supported (supported: "
                        f"{list(allowed)})")
+  for key, allowed in (("interpolation_type", INTERPOLATIONS), ("final_sigmas_type", FINAL_SIGMAS)):
+    if config.get(key, allowed[0]) not in allowed:
+      raise ValueError(f"scheduler: config key {key!r} = {config.get(key)!r} is not supported (supported: "
+                       f"{list(allowed)})")
   for key in ("thresholding", "rescale_betas_zero_snr"):
     if config.get(key):
       raise ValueError(f"scheduler: config key {key!r} = {config[key]!r} is not supported (supported: [False])")
@@ -67,7 +83,24 @@ def schedule_from_config(config: dict) -> NoiseSchedule:
       final_alpha_cumprod=1.0 if set_alpha_to_one else float(alphas_cumprod[0]),
       num_train_timesteps=len(betas), prediction_type=config.get("prediction_type", "epsilon"),
       steps_offset=int(config.get("steps_offset", 0)), timestep_spacing=config.get("timestep_spacing", "leading"),
-      clip_sample=bool(config.get("clip_sample", True)), clip_sample_range=float(config.get("clip_sample_range", 1.0)))
+      clip_sample=bool(config.get("clip_sample", True)), clip_sample_range=float(config.get("clip_sample_range", 1.0)),
+      interpolation_type=config.get("interpolation_type", "linear"),
+      final_sigmas_type=config.get("final_sigmas_type", "zero"),
+      sigma_min=None if config.get("sigma_min") is None else float(config["sigma_min"]),
+      sigma_max=None if config.get("sigma_max") is None else float(config["sigma_max"]),
+      beta_schedule=config.get("beta_schedule", "linear"), beta_start=float(config.get("beta_start", 0.0001)),
+      beta_end=float(config.get("beta_end", 0.02)),
+      trained_betas=None if config.get("trained_betas") is None else tuple(float(b) for b in config["trained_betas"]))
+
+
+def torch_alphas_cumprod(schedule: NoiseSchedule) -> np.ndarray:
+  """float32 alphas_cumprod exactly as diffusers' torch.cumprod gives them (it accumulates in float64, so they
+  differ from `alphas_cumprod` by an ulp here and there). The DPM++ and Euler tables use these; DDIM and training
+  keep `alphas_cumprod`, unchanged."""
+  betas = betas_from_config(dict(num_train_timesteps=schedule.num_train_timesteps, trained_betas=schedule.trained_betas,
+                                 beta_schedule=schedule.beta_schedule, beta_start=schedule.beta_start,
+                                 beta_end=schedule.beta_end))
+  return np.cumprod((np.float32(1) - betas).astype(np.float64)).astype(np.float32)
 
 
 def load_schedule(model_dir) -> NoiseSchedule:

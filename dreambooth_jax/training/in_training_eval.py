@@ -15,6 +15,7 @@ import numpy as np
 from absl import logging
 
 from dreambooth_jax.sampling import sampler as sampling
+from dreambooth_jax.sampling import schedulers
 
 METRICS = ("dino", "clip_i", "clip_t")
 
@@ -22,12 +23,15 @@ METRICS = ("dino", "clip_i", "clip_t")
 def sample(view, prompts, config, mesh=None) -> np.ndarray:
   """uint8 images for prompts with the validation sampler settings and fixed seeds (validation and evaluation)."""
   settings = sampling.SamplerSettings(steps=config.validation_inference_steps, guidance=config.validation_guidance,
-                                      height=config.resolution, width=config.resolution)
+                                      height=config.resolution, width=config.resolution,
+                                      scheduler=config.get("sample_scheduler", "ddim"),
+                                      karras=config.get("sample_karras", False))
   return np.concatenate([images for _, images in sampling.generate_all(
       view, prompts, seed=config.seed, batch_size=config.num_validation_images or 4, settings=settings, mesh=mesh)])
 
 
 def check_config(config):
+  schedulers.check_name(config.get("sample_scheduler", "ddim"), config.get("sample_karras", False))
   if config.eval_steps and config.eval_metric not in METRICS:
     raise ValueError(f"eval_metric={config.eval_metric!r}: expected one of {list(METRICS)}")
   if config.eval_steps and not (config.eval_dino_model and config.eval_clip_model):

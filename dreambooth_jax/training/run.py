@@ -150,7 +150,8 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
     class_images.ensure_class_images(
         pipe, class_dir, config.class_prompt, config.num_class_images, seed=config.seed,
         settings=sampler.SamplerSettings(steps=config.class_generation_steps, guidance=config.class_guidance,
-                                          height=config.resolution, width=config.resolution),
+                                          height=config.resolution, width=config.resolution,
+                                          scheduler=config.sample_scheduler, karras=config.sample_karras),
         batch_size=config.sample_batch_size, mesh=mesh)
   data = batches.TrainData(config, pipe, mesh, workdir)
   frozen = jax.device_put(frozen, step.frozen_shardings)
