@@ -136,3 +136,35 @@ def test_sdxl_dreambooth_run_trains_and_exports_a_diffusers_folder(sdxl_run, tin
   for name in ("vae", "text_encoder", "text_encoder_2"):
     a, b = (diffusers_folder.module_state_dict(p.modules[name]) for p in (ours, base))
     assert all(np.array_equal(a[k], b[k]) for k in a), name
+
+
+def test_sdxl_lora_run_exports_a_file_diffusers_loads(tiny_sdxl_dir, tmp_path):
+  """LoRA on the SDXL UNet attention: only the factors train; the PEFT file loads in StableDiffusionXLPipeline
+  and gives our sampler's images."""
+  from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+  from dreambooth_jax.models import lora
+  from dreambooth_jax.training import run, run_state
+  workdir = tmp_path / "run"
+  config = fast_config(f"pretrained_model_name_or_path={tiny_sdxl_dir}", "random_init=False", "max_train_steps=4",
+                       "checkpointing_steps=4", "validation_steps=0", "with_prior_preservation=False",
+                       "learning_rate=5e-2")
+  config.lora.enabled = True
+  run.train(config, workdir)
+  _, view, _ = run_state.load_run(workdir, None)
+  assert lora.lora_modules(view.unet) and not any(lora.lora_modules(view.modules[n]) for n in view.family.TEXT_ENCODERS)
+  ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+  ref.load_lora_weights(str(workdir / "export" / "pytorch_lora_weights.safetensors"))
+  ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+  ref.set_progress_bar_config(disable=True)
+  latents = np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)
+  expected = ref(PROMPTS[:1], height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
+                 latents=torch.from_numpy(latents), output_type="np").images
+  got = sampler.generate(view, PROMPTS[:1], [0], settings=sampler.SamplerSettings(steps=3, guidance=4.0, height=32,
+                                                                                  width=32),
+                         init_latents_BHWC=latents.transpose(0, 2, 3, 1))
+  assert np.abs(np.asarray(got) - expected).max() <= 1e-4
+  base = diffusers_folder.load_pipeline(tiny_sdxl_dir)
+  untouched = sampler.generate(base, PROMPTS[:1], [0], settings=sampler.SamplerSettings(steps=3, guidance=4.0,
+                                                                                        height=32, width=32),
+                               init_latents_BHWC=latents.transpose(0, 2, 3, 1))
+  assert np.abs(np.asarray(untouched) - expected).max() > 1e-3  # the LoRA changed the images

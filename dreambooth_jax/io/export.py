@@ -49,9 +49,11 @@ def export_lora(pipe: Pipeline, config, out, fmt: str) -> pathlib.Path:
   if out.suffix != ".safetensors":
     out = out / "pytorch_lora_weights.safetensors"
   out.parent.mkdir(parents=True, exist_ok=True)
-  (text_encoder,) = pipe.family.TEXT_ENCODERS  # the LoRA file layouts name one text encoder (SD)
-  text = pipe.modules[text_encoder]
-  text = lora_lib.lora_factors(text) if lora_lib.lora_modules(text) else None
+  texts = [pipe.modules[n] for n in pipe.family.TEXT_ENCODERS if lora_lib.lora_modules(pipe.modules[n])]
+  if len(texts) > 1:
+    raise ValueError(f"--format={fmt}: LoRA files for {len(texts)} text encoders are not written yet; train LoRA on "
+                     "the denoiser only (lora.text_encoder=False)")
+  text = lora_lib.lora_factors(texts[0]) if texts else None
   meta = lora_metadata(pipe, config)
   alpha = meta["dreambooth_jax.alpha"]
   if fmt == "lora_kohya":
