@@ -41,7 +41,7 @@ def lora_metadata(pipe: Pipeline, config) -> dict:
 
 
 def export_lora(pipe: Pipeline, config, out, fmt: str) -> pathlib.Path:
-  """Writes the LoRA factors of the denoiser (and text encoder, when it has LoRA) as one .safetensors."""
+  """Writes the LoRA factors of the denoiser (and of each text encoder that has LoRA) as one .safetensors."""
   if not lora_lib.lora_modules(pipe.denoiser):
     raise ValueError(f"--format={fmt}: this run trained the full model, not LoRA; export it with "
                      "--format=diffusers or --format=single_file")
@@ -49,15 +49,21 @@ def export_lora(pipe: Pipeline, config, out, fmt: str) -> pathlib.Path:
   if out.suffix != ".safetensors":
     out = out / "pytorch_lora_weights.safetensors"
   out.parent.mkdir(parents=True, exist_ok=True)
-  (text_encoder,) = pipe.family.TEXT_ENCODERS  # the LoRA file layouts name one text encoder (SD)
-  text = pipe.modules[text_encoder]
-  text = lora_lib.lora_factors(text) if lora_lib.lora_modules(text) else None
+  factors = {pipe.family.DENOISER: lora_lib.lora_factors(pipe.denoiser)}
+  for name in pipe.family.TEXT_ENCODERS:
+    if pipe.modules[name] is not None and lora_lib.lora_modules(pipe.modules[name]):
+      factors[name] = lora_lib.lora_factors(pipe.modules[name])
   meta = lora_metadata(pipe, config)
   alpha = meta["dreambooth_jax.alpha"]
   if fmt == "lora_kohya":
-    tensors, extra = lora_files.to_kohya(lora_lib.lora_factors(pipe.denoiser), text, alpha), {}
+    # kohya prefixes follow the number of text encoders (lora_te_ vs lora_te1_/lora_te2_); a family whose tools
+    # name UNet modules by their original path (SDXL) says so with kohya_unet_names(configs).
+    unet_names = getattr(pipe.family, "kohya_unet_names", None)
+    tensors = lora_files.to_kohya(factors, alpha, lora_files.kohya_prefixes(pipe.family.TEXT_ENCODERS),
+                                  unet_names=unet_names(pipe.configs) if unet_names else None)
+    extra = {}
   else:
-    tensors, extra = lora_files.to_diffusers_peft(lora_lib.lora_factors(pipe.denoiser), text, alpha)
+    tensors, extra = lora_files.to_diffusers_peft(factors, alpha)
   lora_files.save_lora(out, tensors, {**meta, **extra})
   logging.info("exported %s LoRA to %s", fmt, out)
   return out
