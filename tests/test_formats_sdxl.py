@@ -9,6 +9,7 @@ import pytest
 import torch
 from reference_models import to_numpy
 
+from dreambooth_jax.io import lora_files as kohya
 from dreambooth_jax.io import single_file_keys as sf
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -91,3 +92,141 @@ def test_sdxl_single_file_round_trip_and_refusals(sdxl):
         configs)
   # An SD single file is not an SDXL one.
   assert not sf.is_sdxl_single_file(["cond_stage_model.transformer.text_model.final_layer_norm.weight"])
+
+
+# ------------------------------------------------------------------------------------------------------- LoRA
+
+RANK, ALPHA = 4, 8.0  # scale alpha / rank = 2, so a file that drops alpha is caught
+LORA_ATOL = 1e-5
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def random_lora(model, suffixes, rng) -> dict:
+  """{module path (torch named_modules, i.e. our spelling): (down, up)} for the model's Linear layers."""
+  return {name: (rng.normal(0, 0.2, (RANK, m.weight.shape[1])).astype(np.float32),
+                 rng.normal(0, 0.2, (m.weight.shape[0], RANK)).astype(np.float32))
+          for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name.endswith(suffixes)}
+
+
+@pytest.fixture(scope="module")
+def sdxl_lora(sdxl):
+  """Random factors for the UNet attention and both text encoders, with our component names and paths."""
+  pipe, configs, _ = sdxl
+  rng = np.random.default_rng(0)
+  factors = {"unet": random_lora(pipe.unet, UNET_TARGETS, rng),
+             "text_encoder": random_lora(pipe.text_encoder, TEXT_TARGETS, rng),
+             "text_encoder_2": random_lora(pipe.text_encoder_2, TEXT_TARGETS, rng)}
+  assert [len(f) for f in factors.values()] == [64, 12, 12]
+  assert "encoder.layers.0.self_attn.q_proj" in factors["text_encoder"]  # flat CLIPTextModel (transformers 5)
+  assert "text_model.encoder.layers.0.self_attn.q_proj" in factors["text_encoder_2"]
+  return factors
+
+
+def with_text_model(factors: dict) -> dict:
+  """What the readers return: text paths under `text_model.`."""
+  return {c: {(k if c == "unet" or k.startswith("text_model.") else "text_model." + k): v for k, v in f.items()}
+          for c, f in factors.items()}
+
+
+def assert_same_factors(got: dict, want: dict):
+  assert got.keys() == want.keys()
+  for comp in want:
+    assert got[comp].keys() == want[comp].keys(), (comp, sorted(set(got[comp]) ^ set(want[comp]))[:5])
+    for path, pair in want[comp].items():
+      assert all(np.array_equal(g, w) for g, w in zip(got[comp][path], pair)), (comp, path)
+
+
+def sdxl_files(factors: dict, configs: dict) -> dict[str, tuple[dict, dict]]:
+  """{spelling: (tensors, metadata)} written by our functions."""
+  from dreambooth_jax.io import sgm_keys
+
+  names = sgm_keys.unet_module_names(configs["unet"])
+  return {
+      "kohya_sgm": (kohya.to_kohya(factors, ALPHA, kohya.KOHYA_PREFIXES_SDXL, unet_names=names), {}),
+      "kohya": (kohya.to_kohya(factors, ALPHA, kohya.KOHYA_PREFIXES_SDXL), {}),  # diffusers' kohya-style names
+      "peft": kohya.to_diffusers_peft(factors, ALPHA),
+  }
+
+
+@pytest.mark.parametrize("spelling", ["kohya_sgm", "peft"])
+def test_sdxl_lora_file_loads_in_diffusers(sdxl, sdxl_lora, spelling, tmp_path):
+  """diffusers loads our file and, fused, holds exactly base + (alpha / rank) * up @ down in every target."""
+  import copy
+
+  pipe, configs, states = sdxl
+  tensors, metadata = sdxl_files(sdxl_lora, configs)[spelling]
+  if spelling == "kohya_sgm":
+    assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha" not in tensors  # 2 levels only
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k.lora_down.weight" in tensors
+    assert "lora_unet_middle_block_1_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in tensors
+    assert "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha" in tensors
+    assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj.lora_down.weight" in tensors
+  else:
+    assert "text_encoder_2.text_model.encoder.layers.0.self_attn.v_proj.lora_B.weight" in tensors
+  kohya.save_lora(tmp_path / "lora.safetensors", tensors, metadata)
+  target = copy.deepcopy(pipe)
+  target.load_lora_weights(str(tmp_path / "lora.safetensors"))
+  target.fuse_lora()
+  target.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
+  for comp in ("unet", "text_encoder", "text_encoder_2"):
+    got = {k: to_numpy(v) for k, v in getattr(target, comp).state_dict().items()}
+    assert got.keys() == states[comp].keys(), comp
+    for path, (down, up) in sdxl_lora[comp].items():
+      want = states[comp][path + ".weight"] + ALPHA / RANK * up @ down
+      np.testing.assert_allclose(got[path + ".weight"], want, atol=LORA_ATOL, rtol=0, err_msg=f"{comp} {path}")
+    untouched = [k for k in got if k.removesuffix(".weight") not in sdxl_lora[comp]]
+    assert all(np.array_equal(got[k], states[comp][k]) for k in untouched), comp
+
+
+def test_sdxl_lora_read_back_every_spelling(sdxl, sdxl_lora):
+  from dreambooth_jax.io import sgm_keys
+
+  _, configs, states = sdxl
+  names = sgm_keys.unet_module_names(configs["unet"])
+  known = {c: kohya.lora_targets(states[c]) for c in ("unet", "text_encoder", "text_encoder_2")}
+  want = with_text_model(sdxl_lora)
+  for spelling, (tensors, metadata) in sdxl_files(sdxl_lora, configs).items():
+    assert kohya.lora_spelling(tensors) == spelling
+    assert kohya.lora_family_hint(tensors) == "SDXL"  # lora_te1_/lora_te2_ or text_encoder_2.
+    factors, alpha = kohya.read_lora(tensors, metadata, family_name="SDXL", text_encoders=("text_encoder",
+                                     "text_encoder_2"), unet_names=names, known_modules_by_component=known,
+                                     source=f"{spelling}.safetensors")
+    assert alpha == ALPHA, spelling
+    assert_same_factors(factors, want)
+    # Without the model's module list the names resolve by the SD vocabulary alone, to the same paths.
+    factors, _ = (kohya.from_diffusers_peft(tensors, metadata) if spelling == "peft"
+                  else kohya.from_kohya(tensors, unet_names=names))
+    assert_same_factors(factors, want)
+  sgm_tensors = sdxl_files(sdxl_lora, configs)["kohya_sgm"][0]
+  with pytest.raises(kohya.LoraFormatError, match=r"SGM-named .*unet_names"):
+    kohya.from_kohya(sgm_tensors)
+
+
+def test_lora_for_another_family_is_refused_by_name(sdxl, sdxl_lora):
+  _, configs, states = sdxl
+  known = {c: kohya.lora_targets(states[c]) for c in ("unet", "text_encoder", "text_encoder_2")}
+  sdxl_args = dict(family_name="SDXL", text_encoders=("text_encoder", "text_encoder_2"),
+                   known_modules_by_component=known, source="sd15_lora.safetensors")
+  rng = np.random.default_rng(1)
+  # An SD 1.5 LoRA: lora_te_ text encoder and 768-wide cross-attention keys/values.
+  sd15 = {"unet": {p: ((rng.normal(size=(RANK, 768)).astype(np.float32), u) if ".attn2.to_k" in p or ".attn2.to_v"
+                       in p else (d, u)) for p, (d, u) in sdxl_lora["unet"].items()},
+          "text_encoder": sdxl_lora["text_encoder"]}
+  with pytest.raises(kohya.LoraFormatError, match=r"sd15_lora\.safetensors: key lora_te_text_model_\S+ says this "
+                     r"LoRA was made for SD 1\.x/2\.x, not for the SDXL model"):
+    kohya.read_lora(kohya.to_kohya(sd15, ALPHA), None, **sdxl_args)
+  # The same as PEFT names no family; the shapes do, and nothing is returned.
+  with pytest.raises(kohya.LoraFormatError, match=r"sd15_lora\.safetensors: does not fit the SDXL model \(16 "
+                     r"problems, 76 modules\); it looks made for SD 1\.x \(768-wide text\): unet down_blocks\.1\."
+                     r"attentions\.0\.transformer_blocks\.0\.attn2\.to_k: LoRA is \(out 64, in 768\), the weight is "
+                     r"\(out 64, in 80\)"):
+    kohya.read_lora(*kohya.to_diffusers_peft(sd15, ALPHA), **sdxl_args)
+  with pytest.raises(kohya.LoraFormatError, match=r"unet mid_block\.attentions\.0\.foo\.to_q: no such module"):
+    kohya.check_lora_matches({"unet": {"mid_block.attentions.0.foo.to_q": sdxl_lora["unet"][
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]}}, known, "SDXL")
+  # And the other way round: an SDXL file on a one-text-encoder (SD) model.
+  tensors, _ = sdxl_files(sdxl_lora, configs)["kohya_sgm"]
+  with pytest.raises(kohya.LoraFormatError, match=r"x\.safetensors: key lora_te1_\S+ says this LoRA was made for "
+                     r"SDXL, not for the SD 1\.5 model"):
+    kohya.read_lora(tensors, None, family_name="SD 1.5", text_encoders=("text_encoder",), source="x.safetensors")
