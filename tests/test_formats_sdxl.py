@@ -222,6 +222,13 @@ def test_lora_for_another_family_is_refused_by_name(sdxl, sdxl_lora):
                      r"attentions\.0\.transformer_blocks\.0\.attn2\.to_k: LoRA is \(out 64, in 768\), the weight is "
                      r"\(out 64, in 80\)"):
     kohya.read_lora(*kohya.to_diffusers_peft(sd15, ALPHA), **sdxl_args)
+  # kohya names of modules SDXL lacks (SD 1.5 has attention at level 0): every misfit listed, with the family.
+  sd15_unet = {"unet": {**sd15["unet"], "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (
+      rng.normal(size=(RANK, 768)).astype(np.float32), rng.normal(size=(32, RANK)).astype(np.float32))}}
+  with pytest.raises(kohya.LoraFormatError, match=r"sd15_lora\.safetensors: does not fit the SDXL model \(17 "
+                     r"problems, 65 modules\); it looks made for SD 1\.x .*down_blocks\.0\.attentions\.0\."
+                     r"transformer_blocks\.0\.attn2\.to_k: no such module"):
+    kohya.read_lora(kohya.to_kohya(sd15_unet, ALPHA), None, **sdxl_args)
   with pytest.raises(kohya.LoraFormatError, match=r"unet mid_block\.attentions\.0\.foo\.to_q: no such module"):
     kohya.check_lora_matches({"unet": {"mid_block.attentions.0.foo.to_q": sdxl_lora["unet"][
         "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"]}}, known, "SDXL")

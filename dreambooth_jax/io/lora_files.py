@@ -320,6 +320,7 @@ def check_lora_matches(factors: dict, known_modules_by_component: dict, family_n
                         f"(out {out_w}, in {in_w})")
         hints.add(_shape_hint(comp, path, np.shape(down)[1]))
   if problems:
+    problems.sort(key=lambda p: not p.endswith("no such module"))  # the plainest evidence first
     hints.discard("")
     made_for = f"; it looks made for {', '.join(sorted(hints))}" if hints else ""
     raise LoraFormatError(f"{source}: does not fit the {family_name} model ({len(problems)} problems, "
@@ -347,13 +348,21 @@ def read_lora(tensors: dict, metadata: dict | None, *, family_name: str, text_en
   if hint is not None and (hint == "SDXL") != sdxl_like:
     key = next(k for k in sorted(tensors) if lora_family_hint([k]) == hint)
     raise LoraFormatError(f"{source}: key {key} says this LoRA was made for {hint}, not for the {family_name} model")
+  known = {c: list(m) for c, m in (known_modules_by_component or {}).items()} or None
   try:
     if spelling == "peft":
       factors, alpha = from_diffusers_peft(tensors, metadata)
     else:
-      factors, alpha = from_kohya(tensors, unet_names=unet_names, known_modules={
-          c: list(m) for c, m in (known_modules_by_component or {}).items()} or None)
+      factors, alpha = from_kohya(tensors, unet_names=unet_names, known_modules=known)
   except LoraFormatError as e:
+    if spelling != "peft" and known is not None and "matches no module" in str(e):
+      # A kohya name the model lacks: re-read by the SD vocabulary alone so that the refusal can list every
+      # module that does not fit and which family the shapes suggest.
+      try:
+        check_lora_matches(from_kohya(tensors, unet_names=unet_names)[0], known_modules_by_component, family_name,
+                           source)
+      except LoraFormatError as better:
+        raise better from None
     raise LoraFormatError(f"{source} ({spelling} LoRA for the {family_name} model): {e}") from None
   if known_modules_by_component is not None:
     check_lora_matches(factors, known_modules_by_component, family_name, source)
