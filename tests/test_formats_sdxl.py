@@ -237,3 +237,9 @@ def test_lora_for_another_family_is_refused_by_name(sdxl, sdxl_lora):
   with pytest.raises(kohya.LoraFormatError, match=r"x\.safetensors: key lora_te1_\S+ says this LoRA was made for "
                      r"SDXL, not for the SD 1\.5 model"):
     kohya.read_lora(tensors, None, family_name="SD 1.5", text_encoders=("text_encoder",), source="x.safetensors")
+  # Names only (no shapes): the module list alone still refuses an unknown module.
+  with pytest.raises(kohya.LoraFormatError, match=r"text_encoder_2 text_model\.encoder\.layers\.9\.self_attn\.q_proj: "
+                     r"no such module"):
+    kohya.check_lora_matches({"text_encoder_2": {"text_model.encoder.layers.9.self_attn.q_proj": (
+        np.zeros((RANK, 48), np.float32), np.zeros((48, RANK), np.float32))}}, {
+        c: set(m) for c, m in known.items()}, "SDXL")

@@ -296,8 +296,8 @@ def check_lora_matches(factors: dict, known_modules_by_component: dict, family_n
   """Refuses (one LoraFormatError naming the modules) a LoRA whose components, module paths or factor shapes do not
   exist in the model, before anything is applied: a LoRA made for another family must not half-apply.
 
-  known_modules_by_component: {component: {module path: weight shape (out, in)}} (see lora_targets); text paths
-  may be spelled with or without `text_model.`.
+  known_modules_by_component: {component: {module path: weight shape (out, in)}} (see lora_targets), or
+  {component: module paths} to check names only; text paths may be spelled with or without `text_model.`.
   """
   problems, hints, total = [], set(), 0
   for comp, lora in factors.items():
@@ -306,6 +306,8 @@ def check_lora_matches(factors: dict, known_modules_by_component: dict, family_n
       problems.append(f"component {comp!r} ({len(lora)} modules): the {family_name} model has none "
                       f"(components: {sorted(known_modules_by_component)})")
       continue
+    if not isinstance(known, dict):  # bare module paths: names are checked, shapes cannot be
+      known = dict.fromkeys(known)
     if is_text(comp):
       known = {_text_path(p): s for p, s in known.items()}
     for path, (down, up) in lora.items():
@@ -313,6 +315,8 @@ def check_lora_matches(factors: dict, known_modules_by_component: dict, family_n
       path_n = _text_path(path) if is_text(comp) else path
       if path_n not in known:
         problems.append(f"{comp} {path}: no such module")
+        continue
+      if known[path_n] is None:
         continue
       out_w, in_w = tuple(known[path_n])[:2]
       if np.shape(up)[0] != out_w or np.shape(down)[1] != in_w:
