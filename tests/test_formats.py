@@ -204,11 +204,11 @@ def lora_case():
 def test_lora_file_loads_in_diffusers(lora_case, fmt, tmp_path):
   pipe, unet_lora, text_lora, want = lora_case
   if fmt == "kohya":
-    tensors, metadata = kohya.to_kohya(unet_lora, text_lora, ALPHA), {}
+    tensors, metadata = kohya.to_kohya({"unet": unet_lora, "text_encoder": text_lora}, ALPHA), {}
     assert "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha" in tensors
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0.lora_up.weight" in tensors
   else:
-    tensors, metadata = kohya.to_diffusers_peft(unet_lora, text_lora, ALPHA)
+    tensors, metadata = kohya.to_diffusers_peft({"unet": unet_lora, "text_encoder": text_lora}, ALPHA)
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in tensors
   kohya.save_lora(tmp_path / "lora.safetensors", tensors, {**metadata, "rank": RANK, "trigger": "a sks dog"})
   target = copy.deepcopy(pipe)
@@ -228,19 +228,23 @@ def assert_same_lora(got, want):
 def test_lora_round_trips(lora_case, tmp_path):
   _, unet_lora, text_lora, _ = lora_case
   text_prefixed = {"text_model." + k: v for k, v in text_lora.items()}
-  kohya.save_lora(tmp_path / "k.safetensors", kohya.to_kohya(unet_lora, text_lora, ALPHA), {"base": "x"})
+  kohya.save_lora(tmp_path / "k.safetensors", kohya.to_kohya({"unet": unet_lora, "text_encoder": text_lora}, ALPHA),
+                  {"base": "x"})
   tensors, metadata = kohya.load_lora(tmp_path / "k.safetensors")
   assert metadata["base"] == "x"
-  u, t, alpha = kohya.from_kohya(tensors)
+  factors, alpha = kohya.from_kohya(tensors)
+  u, t = factors["unet"], factors["text_encoder"]
   assert alpha == ALPHA
   assert_same_lora(u, unet_lora)
   assert_same_lora(t, text_prefixed)
-  u, t, alpha = kohya.from_diffusers_peft(*kohya.to_diffusers_peft(unet_lora, text_prefixed, ALPHA))
+  factors, alpha = kohya.from_diffusers_peft(*kohya.to_diffusers_peft({"unet": unet_lora, "text_encoder": text_prefixed},
+                                                                      ALPHA))
+  u, t = factors["unet"], factors["text_encoder"]
   assert alpha == ALPHA
   assert_same_lora(u, unet_lora)
   assert_same_lora(t, text_prefixed)
   # Without the LoraConfig metadata diffusers uses scale 1, i.e. alpha = rank.
-  assert kohya.from_diffusers_peft(kohya.to_diffusers_peft(unet_lora, None, ALPHA)[0])[2] == RANK
+  assert kohya.from_diffusers_peft(kohya.to_diffusers_peft({"unet": unet_lora}, ALPHA)[0])[1] == RANK
 
 
 def test_kohya_names_resolve_for_every_sd_module(lora_case):
@@ -259,7 +263,8 @@ def test_kohya_per_module_alpha_is_folded_into_up():
         "lora_unet_a_to_q.alpha": np.float32(4), "lora_unet_a_to_k.lora_down.weight": down,
         "lora_unet_a_to_k.lora_up.weight": up, "lora_unet_a_to_k.alpha": np.float32(4),
         "lora_unet_b_to_v.lora_down.weight": down, "lora_unet_b_to_v.lora_up.weight": up}  # no alpha: alpha = rank
-  unet, text, alpha = kohya.from_kohya(sd)
+  factors, alpha = kohya.from_kohya(sd)
+  unet, text = factors["unet"], factors.get("text_encoder")
   assert alpha == 4 and not text
   for path, module_alpha in (("a.to_q", 4), ("b.to_v", 2)):
     d, u = unet[path]
@@ -277,7 +282,7 @@ def test_malformed_lora_files():
   with pytest.raises(kohya.LoraFormatError, match=r"unet\.m\.to_k: .*no unet\.m\.to_k\.lora_A\.weight"):
     kohya.from_diffusers_peft({"unet.m.to_k.lora_B.weight": up})
   with pytest.raises(kohya.LoraFormatError, match=r"unet m\.to_k: rank mismatch"):
-    kohya.to_kohya({"m.to_k": (down, up[:, :2])}, None, 4)
+    kohya.to_kohya({"unet": {"m.to_k": (down, up[:, :2])}}, 4)
   with pytest.raises(kohya.LoraFormatError, match=r"text_encoder\.q_proj\.lora_A: not a diffusers PEFT"):
     kohya.from_diffusers_peft({"text_encoder.q_proj.lora_A": down})
 

@@ -95,9 +95,9 @@ def test_matches_diffusers_load_lora_weights(case, fmt, tmp_path):
   sd = with_factors(case)
   unet_f, text_f = lora.lora_factors(sd.unet), lora.lora_factors(sd.text_encoder)
   if fmt == "kohya":
-    tensors, metadata = kohya.to_kohya(unet_f, text_f, ALPHA), {}
+    tensors, metadata = kohya.to_kohya({"unet": unet_f, "text_encoder": text_f}, ALPHA), {}
   else:
-    tensors, metadata = kohya.to_diffusers_peft(unet_f, text_f, ALPHA)
+    tensors, metadata = kohya.to_diffusers_peft({"unet": unet_f, "text_encoder": text_f}, ALPHA)
   kohya.save_lora(tmp_path / "lora.safetensors", tensors, metadata)
   pipe = copy.deepcopy(case["pipe"])
   pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")

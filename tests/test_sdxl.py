@@ -138,9 +138,9 @@ def test_sdxl_dreambooth_run_trains_and_exports_a_diffusers_folder(sdxl_run, tin
     assert all(np.array_equal(a[k], b[k]) for k in a), name
 
 
-def test_sdxl_lora_run_exports_a_file_diffusers_loads(tiny_sdxl_dir, tmp_path):
-  """LoRA on the SDXL UNet attention: only the factors train; the PEFT file loads in StableDiffusionXLPipeline
-  and gives our sampler's images."""
+def test_sdxl_lora_run_exports_files_diffusers_loads(tiny_sdxl_dir, tmp_path):
+  """LoRA on the SDXL UNet attention: only the factors train; the PEFT file written at the end and a kohya file
+  (SGM names) load in StableDiffusionXLPipeline and give our sampler's images."""
   from diffusers import DDIMScheduler, StableDiffusionXLPipeline
   from dreambooth_jax.models import lora
   from dreambooth_jax.training import run, run_state
@@ -152,19 +152,37 @@ def test_sdxl_lora_run_exports_a_file_diffusers_loads(tiny_sdxl_dir, tmp_path):
   run.train(config, workdir)
   _, view, _ = run_state.load_run(workdir, None)
   assert lora.lora_modules(view.unet) and not any(lora.lora_modules(view.modules[n]) for n in view.family.TEXT_ENCODERS)
-  ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
-  ref.load_lora_weights(str(workdir / "export" / "pytorch_lora_weights.safetensors"))
-  ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
-  ref.set_progress_bar_config(disable=True)
+  from dreambooth_jax.io import export as export_lib
+  kohya = export_lib.export(view, config, tmp_path / "kohya.safetensors", "lora_kohya")
+  from safetensors.numpy import load_file
+  assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(kohya))  # SGM names, as kohya's SDXL files
   latents = np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)
-  expected = ref(PROMPTS[:1], height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
-                 latents=torch.from_numpy(latents), output_type="np").images
   got = sampler.generate(view, PROMPTS[:1], [0], settings=sampler.SamplerSettings(steps=3, guidance=4.0, height=32,
                                                                                   width=32),
                          init_latents_BHWC=latents.transpose(0, 2, 3, 1))
-  assert np.abs(np.asarray(got) - expected).max() <= 1e-4
+  for path in (workdir / "export" / "pytorch_lora_weights.safetensors", kohya):
+    ref = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    ref.load_lora_weights(str(path))
+    ref.scheduler = DDIMScheduler.from_config(ref.scheduler.config)
+    ref.set_progress_bar_config(disable=True)
+    expected = ref(PROMPTS[:1], height=32, width=32, num_inference_steps=3, guidance_scale=4.0,
+                   latents=torch.from_numpy(latents), output_type="np").images
+    assert np.abs(np.asarray(got) - expected).max() <= 1e-4, path.name
   base = diffusers_folder.load_pipeline(tiny_sdxl_dir)
   untouched = sampler.generate(base, PROMPTS[:1], [0], settings=sampler.SamplerSettings(steps=3, guidance=4.0,
                                                                                         height=32, width=32),
                                init_latents_BHWC=latents.transpose(0, 2, 3, 1))
   assert np.abs(np.asarray(untouched) - expected).max() > 1e-3  # the LoRA changed the images
+
+
+def test_sdxl_single_file_round_trip(pipes, tiny_sdxl_dir, tmp_path):
+  """Our SGM-layout single file of an SDXL pipeline loads back (family detected from its keys) exactly."""
+  from dreambooth_jax.io import single_file
+  _, ours = pipes
+  path = single_file.export_single_file(ours, tmp_path / "sdxl.safetensors", dtype="fp32")
+  back = single_file.load_single_file_pipeline(path, config=str(tiny_sdxl_dir))
+  assert back.family.NAME == "sdxl"
+  for name in ours.family.COMPONENTS:
+    want, got = (diffusers_folder.module_state_dict(p.modules[name]) for p in (ours, back))
+    assert want.keys() == got.keys(), name
+    assert all(np.array_equal(want[k], got[k]) for k in want), name

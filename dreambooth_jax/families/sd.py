@@ -131,6 +131,11 @@ def to_single_file(state_dicts: dict, configs: dict) -> dict:
                                        text_config=configs["text_encoder"])
 
 
+def kohya_unet_names(configs: dict) -> None:
+  """kohya's SD 1.x/2.x LoRA files name UNet modules by their diffusers paths: no renaming."""
+  del configs
+
+
 def single_file_names(configs: dict) -> dict[str, dict[str, str]]:
   """{component: {diffusers key: single-file key}}, to name the file's tensor in errors."""
   names = {"unet": {d: s for d, (s, _) in keys.unet_key_map(configs["unet"]).items()},

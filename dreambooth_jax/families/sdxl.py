@@ -16,6 +16,7 @@ import numpy as np
 
 from dreambooth_jax.families import sd
 from dreambooth_jax.families.spec import Component
+from dreambooth_jax.io import sgm_keys
 from dreambooth_jax.io.tokenizers import tokenize as clip_tokenize
 from dreambooth_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                              projection_model_keys)
@@ -39,8 +40,7 @@ ID_KEYS = ("ids", "ids_2")
 TIME_IDS = ("time_ids",)
 BUNDLED_CONFIGS = {"sdxl": sd.ASSETS / "sdxl-configs"}
 KNOWN_HUB_CONFIGS = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
-SINGLE_FILE_PREFIX = "conditioner.embedders."
-SINGLE_FILE_DESCRIPTION = f"SDXL ({SINGLE_FILE_PREFIX}*)"
+SINGLE_FILE_DESCRIPTION = "SDXL (conditioner.embedders.*)"
 MODEL_INDEX_DEFAULTS = {}
 latent_factor = sd.latent_factor
 
@@ -121,7 +121,7 @@ def denoise(modules: dict, x_BHWC, t_B, text: dict, image: dict):
 # ---------------------------------------------------------------------------------------- single files
 
 def is_single_file(names) -> bool:
-  return any(k.startswith(SINGLE_FILE_PREFIX) for k in names)
+  return sgm_keys.is_sdxl_single_file(names)
 
 
 def single_file_config(names) -> str:
@@ -130,12 +130,18 @@ def single_file_config(names) -> str:
 
 
 def from_single_file(tensors: dict, configs: dict) -> dict:
-  raise ValueError("SDXL single files (original SGM layout) are not readable yet: load a diffusers folder")
+  """{component: diffusers-named state dict} of an original SGM-layout single file."""
+  return sgm_keys.sdxl_single_file_to_diffusers(tensors, configs)
 
 
 def to_single_file(state_dicts: dict, configs: dict) -> dict:
-  raise ValueError("SDXL single-file export (original SGM layout) is not available yet: export --format=diffusers")
+  return sgm_keys.sdxl_diffusers_to_single_file(state_dicts, configs)
 
 
 def single_file_names(configs: dict) -> dict:
-  return {c: {} for c in COMPONENTS}
+  return sgm_keys.sdxl_single_file_names(configs)
+
+
+def kohya_unet_names(configs: dict) -> dict:
+  """kohya's SDXL LoRA files name UNet modules by their original SGM paths (lora_unet_input_blocks_4_1_...)."""
+  return sgm_keys.unet_module_names(configs["unet"])

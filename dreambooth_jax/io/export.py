@@ -41,7 +41,7 @@ def lora_metadata(pipe: Pipeline, config) -> dict:
 
 
 def export_lora(pipe: Pipeline, config, out, fmt: str) -> pathlib.Path:
-  """Writes the LoRA factors of the denoiser (and text encoder, when it has LoRA) as one .safetensors."""
+  """Writes the LoRA factors of the denoiser (and of each text encoder that has LoRA) as one .safetensors."""
   if not lora_lib.lora_modules(pipe.denoiser):
     raise ValueError(f"--format={fmt}: this run trained the full model, not LoRA; export it with "
                      "--format=diffusers or --format=single_file")
@@ -49,17 +49,20 @@ def export_lora(pipe: Pipeline, config, out, fmt: str) -> pathlib.Path:
   if out.suffix != ".safetensors":
     out = out / "pytorch_lora_weights.safetensors"
   out.parent.mkdir(parents=True, exist_ok=True)
-  texts = [pipe.modules[n] for n in pipe.family.TEXT_ENCODERS if lora_lib.lora_modules(pipe.modules[n])]
-  if len(texts) > 1:
-    raise ValueError(f"--format={fmt}: LoRA files for {len(texts)} text encoders are not written yet; train LoRA on "
-                     "the denoiser only (lora.text_encoder=False)")
-  text = lora_lib.lora_factors(texts[0]) if texts else None
+  factors = {pipe.family.DENOISER: lora_lib.lora_factors(pipe.denoiser)}
+  for name in pipe.family.TEXT_ENCODERS:
+    if pipe.modules[name] is not None and lora_lib.lora_modules(pipe.modules[name]):
+      factors[name] = lora_lib.lora_factors(pipe.modules[name])
   meta = lora_metadata(pipe, config)
   alpha = meta["dreambooth_jax.alpha"]
   if fmt == "lora_kohya":
-    tensors, extra = lora_files.to_kohya(lora_lib.lora_factors(pipe.denoiser), text, alpha), {}
+    # kohya prefixes follow the number of text encoders (lora_te_ vs lora_te1_/lora_te2_); the family says whether
+    # kohya's tools name UNet modules by their original path (SDXL) or by diffusers' (SD)
+    tensors = lora_files.to_kohya(factors, alpha, lora_files.kohya_prefixes(pipe.family.TEXT_ENCODERS),
+                                  unet_names=pipe.family.kohya_unet_names(pipe.configs))
+    extra = {}
   else:
-    tensors, extra = lora_files.to_diffusers_peft(lora_lib.lora_factors(pipe.denoiser), text, alpha)
+    tensors, extra = lora_files.to_diffusers_peft(factors, alpha)
   lora_files.save_lora(out, tensors, {**meta, **extra})
   logging.info("exported %s LoRA to %s", fmt, out)
   return out
@@ -83,7 +86,7 @@ def export(pipe, config, out, fmt: str = "diffusers", *, merge_lora: bool = Fals
   out.parent.mkdir(parents=True, exist_ok=True)
   file_dtype = {None: "fp32", "float16": "fp16", "bfloat16": "bf16"}[DTYPES[dtype or "fp16"]]
   path = single_file.export_single_file(pipe, out, replace=_merged(pipe) or None, dtype=file_dtype,
-                                           metadata={"dreambooth_jax.base_model": config.pretrained_model_name_or_path,
-                                                     "modelspec.trigger_phrase": config.instance_prompt})
+                                        metadata={"dreambooth_jax.base_model": config.pretrained_model_name_or_path,
+                                                  "modelspec.trigger_phrase": config.instance_prompt})
   logging.info("exported single file to %s", path)
   return path

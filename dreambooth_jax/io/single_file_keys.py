@@ -33,8 +33,7 @@ IGNORED_EXACT = {
     CLIP_PREFIX + "embeddings.position_ids", OPEN_CLIP_PREFIX + "text_projection", OPEN_CLIP_PREFIX + "logit_scale",
 }
 IGNORED_PREFIXES = ("model_ema.",)
-UNSUPPORTED_UNET_OPTIONS = ("class_embed_type", "addition_embed_type", "num_class_embeds", "encoder_hid_dim",
-                            "time_cond_proj_dim")
+UNSUPPORTED_UNET_OPTIONS = ("class_embed_type", "num_class_embeds", "encoder_hid_dim", "time_cond_proj_dim")
 DTYPES = {"fp16": np.float16, "fp32": np.float32, "bf16": ml_dtypes.bfloat16}
 
 # (diffusers leaf, ldm leaf) of one resnet; the time projection only exists in the UNet.
@@ -95,6 +94,9 @@ def unet_key_map(config) -> dict[str, tuple[str, bool]]:
   for option in UNSUPPORTED_UNET_OPTIONS:
     if cfg(config, option) is not None:
       raise NotImplementedError(f"unet config: {option}={cfg(config, option)!r} has no SD single-file mapping here")
+  addition = cfg(config, "addition_embed_type")
+  if addition not in (None, "text_time"):
+    raise NotImplementedError(f"unet config: addition_embed_type={addition!r} has no single-file mapping here")
   if cfg(config, "mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
     raise NotImplementedError(f"unet config: mid_block_type={cfg(config, 'mid_block_type')!r} is not supported")
   down_types, up_types = list(cfg(config, "down_block_types")), list(cfg(config, "up_block_types"))
@@ -115,6 +117,8 @@ def unet_key_map(config) -> dict[str, tuple[str, bool]]:
   u = UNET_PREFIX
   _pairs(m, "", u, (("conv_in", "input_blocks.0.0"), ("time_embedding.linear_1", "time_embed.0"),
                     ("time_embedding.linear_2", "time_embed.2"), ("conv_norm_out", "out.0"), ("conv_out", "out.2")))
+  if addition == "text_time":  # SDXL: the pooled-text + size/crop embedding is the SGM UNet's label_emb
+    _pairs(m, "", u, (("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2")))
   index, out_ch = 0, channels[0]
   for i, block in enumerate(down_types):
     in_ch, out_ch = out_ch, channels[i]
@@ -198,11 +202,15 @@ def is_open_clip(text_config) -> bool:
   return cfg(text_config, "hidden_act", "quick_gelu") == "gelu"
 
 
-def text_key_map(config) -> dict[str, str]:
-  """{diffusers CLIP key (no `text_model.` prefix): single-file key} for keys that map one to one."""
+def text_key_map(config, prefix: str | None = None, open_clip: bool | None = None) -> dict[str, str]:
+  """{diffusers CLIP key (no `text_model.` prefix): single-file key} for keys that map one to one.
+
+  The layout (OpenCLIP or transformers naming) follows the activation unless open_clip says otherwise, and the
+  file prefix defaults to SD's (cond_stage_model.*); SDXL passes both, as its layout is fixed by position.
+  """
   layers = cfg(config, "num_hidden_layers")
-  if is_open_clip(config):
-    o = OPEN_CLIP_PREFIX
+  if is_open_clip(config) if open_clip is None else open_clip:
+    o = OPEN_CLIP_PREFIX if prefix is None else prefix
     m = {"embeddings.token_embedding.weight": o + "token_embedding.weight",
          "embeddings.position_embedding.weight": o + "positional_embedding",
          "final_layer_norm.weight": o + "ln_final.weight", "final_layer_norm.bias": o + "ln_final.bias"}
@@ -214,7 +222,15 @@ def text_key_map(config) -> dict[str, str]:
   keys = ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight", "final_layer_norm.weight",
           "final_layer_norm.bias"]
   keys += [f"encoder.layers.{i}.{leaf}.{p}" for i in range(layers) for leaf in CLIP_LAYER for p in WB]
-  return {k: CLIP_PREFIX + k for k in keys}
+  return {k: (CLIP_PREFIX if prefix is None else prefix) + k for k in keys}
+
+
+def open_clip_fused_keys(config, prefix: str = OPEN_CLIP_PREFIX) -> dict[str, list[str]]:
+  """{OpenCLIP in_proj key: [diffusers q, k, v keys]}: torch.nn.MultiheadAttention stacks q, k and v along the
+  output axis of one in_proj weight/bias."""
+  return {f"{prefix}transformer.resblocks.{i}.attn.in_proj_{p}": [f"encoder.layers.{i}.self_attn.{q}_proj.{p}"
+                                                                 for q in "qkv"]
+          for i in range(cfg(config, "num_hidden_layers")) for p in WB}
 
 
 # ------------------------------------------------------------------------------------------------ conversion
@@ -247,12 +263,7 @@ def diffusers_to_single_file(unet_sd: dict, vae_sd: dict, text_encoder_sd: dict,
       out[l_key] = x
   text_sd = strip_text_prefix(text_encoder_sd)
   key_map = text_key_map(text_config)
-  fused = {}
-  if is_open_clip(text_config):
-    for i in range(cfg(text_config, "num_hidden_layers")):
-      for p in WB:
-        keys = [f"encoder.layers.{i}.self_attn.{q}_proj.{p}" for q in "qkv"]
-        fused[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}.attn.in_proj_{p}"] = keys
+  fused = open_clip_fused_keys(text_config) if is_open_clip(text_config) else {}
   _check_keys("text_encoder", text_sd, list(key_map) + [k for keys in fused.values() for k in keys])
   out.update({l_key: np.asarray(text_sd[d_key]) for d_key, l_key in key_map.items()})
   # OpenCLIP uses torch.nn.MultiheadAttention: q, k and v stacked along the output axis.
@@ -277,12 +288,7 @@ def single_file_to_diffusers(sd: dict, *, unet_config, vae_config, text_config,
   (as transformers>=5 CLIPTextModel.state_dict()) unless text_model_prefix.
   """
   unet_map, vae_map, text_map = unet_key_map(unet_config), vae_key_map(vae_config), text_key_map(text_config)
-  fused = {}
-  if is_open_clip(text_config):
-    for i in range(cfg(text_config, "num_hidden_layers")):
-      for p in WB:
-        fused[f"{OPEN_CLIP_PREFIX}transformer.resblocks.{i}.attn.in_proj_{p}"] = [
-            f"encoder.layers.{i}.self_attn.{q}_proj.{p}" for q in "qkv"]
+  fused = open_clip_fused_keys(text_config) if is_open_clip(text_config) else {}
   expected = [l for l, _ in unet_map.values()] + [l for l, _ in vae_map.values()] + list(text_map.values())
   expected += list(fused)
   _check_keys("single file", [k for k in sd if not _ignored(k, text_config)], expected)
@@ -331,3 +337,16 @@ def load_single_file(path) -> dict[str, np.ndarray]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such single-file checkpoint")
   return safetensors_io.load_file(path)
+
+
+# The SDXL (SGM) layout lives in io/sgm_keys.py (size); its functions are importable from here as well. Lazy, so
+# neither module imports the other at import time.
+SGM_NAMES = ("sdxl_single_file_to_diffusers", "sdxl_diffusers_to_single_file", "sdxl_single_file_names",
+             "is_sdxl_single_file", "sdxl_key_maps", "unet_module_names")
+
+
+def __getattr__(name: str):
+  if name in SGM_NAMES:
+    from dreambooth_jax.io import sgm_keys
+    return getattr(sgm_keys, name)
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
