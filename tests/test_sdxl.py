@@ -139,8 +139,8 @@ def test_sdxl_dreambooth_run_trains_and_exports_a_diffusers_folder(sdxl_run, tin
 
 
 def test_sdxl_lora_run_exports_files_diffusers_loads(tiny_sdxl_dir, tmp_path):
-  """LoRA on the SDXL UNet attention: only the factors train; the PEFT file written at the end and a kohya file
-  (SGM names) load in StableDiffusionXLPipeline and give our sampler's images."""
+  """LoRA on the SDXL UNet attention and both text encoders: only the factors train; the PEFT file written at the
+  end and a kohya file (SGM names) load in StableDiffusionXLPipeline and give our sampler's images."""
   from diffusers import DDIMScheduler, StableDiffusionXLPipeline
   from dreambooth_jax.models import lora
   from dreambooth_jax.training import run, run_state
@@ -149,13 +149,16 @@ def test_sdxl_lora_run_exports_files_diffusers_loads(tiny_sdxl_dir, tmp_path):
                        "checkpointing_steps=4", "validation_steps=0", "with_prior_preservation=False",
                        "learning_rate=5e-2")
   config.lora.enabled = True
+  config.lora.text_encoder = True  # LoRA on both text encoders too (lora_te1_/lora_te2_, text_encoder_2.)
   run.train(config, workdir)
   _, view, _ = run_state.load_run(workdir, None)
-  assert lora.lora_modules(view.unet) and not any(lora.lora_modules(view.modules[n]) for n in view.family.TEXT_ENCODERS)
+  assert lora.lora_modules(view.unet) and all(lora.lora_modules(view.modules[n]) for n in view.family.TEXT_ENCODERS)
   from dreambooth_jax.io import export as export_lib
   kohya = export_lib.export(view, config, tmp_path / "kohya.safetensors", "lora_kohya")
   from safetensors.numpy import load_file
-  assert any(k.startswith("lora_unet_input_blocks_") for k in load_file(kohya))  # SGM names, as kohya's SDXL files
+  names = load_file(kohya)
+  assert any(k.startswith("lora_unet_input_blocks_") for k in names)  # SGM names, as kohya's SDXL files
+  assert any(k.startswith("lora_te1_") for k in names) and any(k.startswith("lora_te2_") for k in names)
   latents = np.random.default_rng(2).standard_normal((1, 4, 16, 16)).astype(np.float32)
   got = sampler.generate(view, PROMPTS[:1], [0], settings=sampler.SamplerSettings(steps=3, guidance=4.0, height=32,
                                                                                   width=32),
@@ -186,3 +189,13 @@ def test_sdxl_single_file_round_trip(pipes, tiny_sdxl_dir, tmp_path):
     want, got = (diffusers_folder.module_state_dict(p.modules[name]) for p in (ours, back))
     assert want.keys() == got.keys(), name
     assert all(np.array_equal(want[k], got[k]) for k in want), name
+
+
+def test_a_folder_missing_a_component_is_named(tiny_sdxl_dir, tmp_path):
+  import shutil
+  from dreambooth_jax.io.safetensors import CheckpointError
+  broken = tmp_path / "model"
+  shutil.copytree(tiny_sdxl_dir, broken)
+  shutil.rmtree(broken / "text_encoder_2")
+  with pytest.raises(CheckpointError, match=r"sdxl component folder text_encoder_2/ is missing"):
+    diffusers_folder.load_pipeline(broken)
