@@ -94,4 +94,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.lora.feed_forward = False  # also ff.net.0.proj / ff.net.2 of the UNet transformer blocks
   c.lora.text_encoder = False  # LoRA on the text encoder's q/k/v/out_proj too
   c.lora.text_mlp = False  # and its fc1/fc2
+  # continue training from a LoRA file (kohya, diffusers or PEFT; its rank and targets must match lora.*); "" = off
+  c.init_lora = ""
   return c

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dreambooth_jax import sharding
 from dreambooth_jax.sampling import sampler as sampling
-from dreambooth_jax.io import diffusers_folder
+from dreambooth_jax.io import diffusers_folder, lora_files
 from dreambooth_jax.sampling import schedulers
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
@@ -56,6 +56,7 @@ def main(argv):
     raise app.UsageError(str(e)) from e
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
   pipe = diffusers_folder.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
+  lora_files.apply_lora_files(pipe, [lora_files.parse_lora_arg(arg) for arg in f.lora or []])
   mesh = sharding.make_mesh()
   out = pathlib.Path(f.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +78,7 @@ def main(argv):
   print(f"wrote {len(index)} images to {out} (first batch incl. compile {first_batch:.1f}s, {rate:.2f} images/s)")
   settings_json = {k: v for k, v in f.flag_values_dict().items() if k in {
       "model", "prompt", "prompts_file", "negative_prompt", "num_images", "steps", "guidance", "eta", "seed",
-      "height", "width", "batch_size", "init_latents", "random_init", "dtype", "scheduler", "karras"}}
+      "height", "width", "batch_size", "init_latents", "random_init", "dtype", "lora", "scheduler", "karras"}}
   (out / "index.json").write_text(json.dumps({"settings": settings_json, "images": index}, indent=2))
 
 
@@ -101,6 +102,8 @@ def define_flags():
   flags.DEFINE_string("init_latents", None, ".npy of NCHW float32 initial latents, one per image.")
   flags.DEFINE_bool("random_init", False, "Build the model from its config.json files with random weights.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Compute dtype.")
+  flags.DEFINE_multi_string("lora", [], "LoRA file (kohya, diffusers or PEFT .safetensors), FILE or FILE:SCALE; "
+                            "repeatable. Folded into the weights before sampling.")
   flags.DEFINE_string("out", None, "Output folder.", required=True)
 
 

@@ -40,12 +40,16 @@ def test_lora_run_trains_only_the_factors(lora_run):
   assert json.loads((lora_run / "metrics.jsonl").read_text().splitlines()[0])["prior_loss"] > 0
   assert (lora_run / "validation" / f"step_{STEPS:06d}.png").is_file()
   # The checkpoint holds the LoRA factors (and their Adam moments) only: a tiny fraction of the UNet.
-  meta = ocp.StandardCheckpointer().metadata(lora_run / "checkpoints" / str(STEPS) / "state")
-  tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-  names = {str(k) for path in _paths(tree["params"]) for k in path[-1:]}
+  # Params and optimizer state are separate items (export restores params alone).
+  trees = {}
+  for item in ("params", "opt_state"):
+    meta = ocp.StandardCheckpointer().metadata(lora_run / "checkpoints" / str(STEPS) / item)
+    trees[item] = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+  names = {str(k) for path in _paths(trees["params"]) for k in path[-1:]}
   assert names == {"lora_down", "lora_up"}, names
+  assert set(trees["opt_state"]) == {"step", "opt_state"}
   from dreambooth_jax.io import diffusers_folder as weights
-  lora_count = sum(int(np.prod(m.shape)) for m in _leaves(tree["params"]))
+  lora_count = sum(int(np.prod(m.shape)) for m in _leaves(trees["params"]))
   unet_count = sum(v.size for v in weights.module_state_dict(weights.random_pipeline().unet).values())
   assert lora_count < 0.2 * unet_count, (lora_count, unet_count)
 
@@ -115,6 +119,16 @@ def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
     from dreambooth_jax.io import lora_files as kohya
     _, metadata = kohya.load_lora(path)
     assert metadata["modelspec.trigger_phrase"] == "a photo of sks dog" and metadata["ss_network_dim"] == "4"
+    # sample --lora=FILE[:SCALE]: the file folded into the base weights equals diffusers' load_lora_weights (and
+    # fuse_lora(lora_scale=SCALE))
+    for scale in (1.0, 0.5):
+      folded = weights.load_pipeline(base_dir)
+      kohya.apply_lora_files(folded, [kohya.parse_lora_arg(f"{path}:{scale}")])
+      fused = copy.deepcopy(base)
+      fused.load_lora_weights(str(path.parent), weight_name=path.name)
+      fused.fuse_lora(lora_scale=scale)
+      np.testing.assert_allclose(np.asarray(folded.unet(x, t, context)), torch_unet(fused),
+                                 atol=1e-4 * max(1.0, np.abs(ours).max()), err_msg=f"{fmt} at scale {scale}")
   # Merged full model, as a diffusers folder; without --merge_lora a clear refusal.
   out = tmp_path / "merged"
   with pytest.raises(ValueError, match="--merge_lora"):
@@ -136,3 +150,26 @@ def test_full_run_refuses_lora_export(tmp_path):
   config = lora_config()
   with pytest.raises(ValueError, match="trained the full model"):
     export_lib.export(weights.random_pipeline(), config, tmp_path / "x.safetensors", "lora_kohya")
+
+
+def test_init_lora_continues_from_a_file_and_a_wrong_family_is_refused(lora_run, tiny_sdxl_dir, tmp_path):
+  """config.init_lora starts the factors from a LoRA file: step 0 of the new run is the old run's model."""
+  from dreambooth_jax.io import lora_files
+  from dreambooth_jax.models import lora
+  from dreambooth_jax.training import run_state
+  path = lora_run / "export" / "pytorch_lora_weights.safetensors"
+  config, view, _ = run_state.load_run(lora_run, None)
+  with config.unlocked():
+    config.init_lora = str(path)
+  pipe = run_state.load_model(config)
+  modules = run_state.trainable_modules(pipe, config)
+  for name, module in modules.items():
+    for key, (down, up) in lora.lora_factors(view.modules[name]).items():
+      got_down, got_up = lora.lora_factors(module)[key]
+      np.testing.assert_allclose(got_down, down, rtol=1e-6)
+      np.testing.assert_allclose(got_up, up, rtol=1e-6)
+  # An SD LoRA on an SDXL base is refused by name, nothing applied.
+  from dreambooth_jax.io import diffusers_folder
+  sdxl = diffusers_folder.load_pipeline(tiny_sdxl_dir)
+  with pytest.raises(lora_files.LoraFormatError, match=r"pytorch_lora_weights\.safetensors.*(sd|SD)"):
+    lora_files.apply_lora_files(sdxl, [(path, 1.0)])

@@ -26,6 +26,7 @@ import re
 import numpy as np
 
 from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax.models import lora as lora_lib
 
 KOHYA_PREFIXES_SD = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 KOHYA_PREFIXES_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -391,3 +392,36 @@ def load_lora(path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   if not path.is_file():
     raise FileNotFoundError(f"{path}: no such LoRA file")
   return safetensors_io.load_file(path), safetensors_io.read_metadata(path)
+
+
+# ------------------------------------------------------------------------------------------ onto a pipeline
+
+def parse_lora_arg(arg: str) -> tuple[pathlib.Path, float]:
+  """'FILE' or 'FILE:SCALE' (the sample CLI's --lora) -> (path, scale)."""
+  path, sep, scale = str(arg).rpartition(":")
+  if sep:
+    try:
+      return pathlib.Path(path), float(scale)
+    except ValueError:
+      pass
+  return pathlib.Path(arg), 1.0
+
+
+def read_lora_for(pipe, path) -> tuple[dict[str, dict], float]:
+  """({component: lora}, alpha) of a LoRA file in any spelling, checked against this pipeline's modules and
+  shapes (a LoRA made for another family is refused by name before anything is applied)."""
+  family = pipe.family
+  tensors, metadata = load_lora(path)
+  targets = (family.DENOISER, *family.TEXT_ENCODERS)
+  known = {c: lora_lib.linear_shapes(pipe.modules[c]) for c in targets}
+  return read_lora(tensors, metadata, family_name=family.NAME, text_encoders=family.TEXT_ENCODERS,
+                   unet_names=family.kohya_unet_names(pipe.configs), known_modules_by_component=known,
+                   source=str(path))
+
+
+def apply_lora_files(pipe, files) -> None:
+  """Folds LoRA files [(path, scale), ...] into the pipeline's weights, in place (sampling with LoRAs)."""
+  for path, scale in files:
+    factors, alpha = read_lora_for(pipe, path)
+    for component, lora in factors.items():
+      lora_lib.add_lora_weights(pipe.modules[component], lora, alpha=alpha, scale=scale)

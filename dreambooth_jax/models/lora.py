@@ -296,5 +296,24 @@ def merge_lora(module: nnx.Module, *, inplace: bool = False) -> nnx.Module:
   return module
 
 
+def linear_shapes(module: nnx.Module) -> dict[str, tuple[int, int]]:
+  """{torch module path: weight shape (out, in)} of every nnx.Linear (the places a LoRA file may target)."""
+  return {module_path(path): (node.out_features, node.in_features) for path, node in _find(module, nnx.Linear)}
+
+
+def add_lora_weights(module: nnx.Module, factors: dict, *, alpha: float, scale: float = 1.0):
+  """Folds a LoRA file's factors into the plain weights, in place: kernel += scale * alpha / rank * (up @ down).T
+  per module (torch layout factors: down (rank, in), up (out, rank)); paths may carry `text_model.`."""
+  linears = {module_path(path): node for path, node in _find(module, nnx.Linear)}
+  for path, (down, up) in factors.items():
+    node = linears.get(path) or linears.get(path.removeprefix("text_model.")) or linears.get(f"text_model.{path}")
+    if node is None:
+      raise ValueError(f"LoRA module {path!r}: no such linear layer in the model")
+    down, up = np.asarray(down, np.float32), np.asarray(up, np.float32)
+    delta = np.float32(scale * alpha / down.shape[0]) * (up @ down).T  # (in, out), our kernel layout
+    kernel = node.kernel.get_value()
+    node.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+
+
 def count_params(module_or_state) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(module_or_state))

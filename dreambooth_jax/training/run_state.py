@@ -16,7 +16,7 @@ from flax import nnx
 
 from dreambooth_jax.data import batches
 from dreambooth_jax.families import Pipeline
-from dreambooth_jax.io import diffusers_folder
+from dreambooth_jax.io import diffusers_folder, lora_files
 from dreambooth_jax.models import lora as lora_lib
 from dreambooth_jax.training import checkpoint, step as step_lib
 
@@ -66,11 +66,28 @@ def trainable_modules(pipe: Pipeline, config) -> dict:
   settings = lora_settings(config)
   names = [pipe.family.DENOISER] + (list(pipe.family.TEXT_ENCODERS) if batches.trains_text_encoder(config) else [])
   modules = {name: pipe.modules[name] for name in names}
+  init = None
+  if config.get("init_lora"):  # read (and checked against the model) before the layers are wrapped
+    if not settings:
+      raise ValueError(f"init_lora={config.init_lora!r} needs lora.enabled=True (the run continues a LoRA)")
+    init = lora_files.read_lora_for(pipe, config.init_lora)
   if settings:
     for i, (name, module) in enumerate(modules.items()):
       paths = lora_lib.apply_lora(module, settings, rngs=nnx.Rngs(config.seed + 1 + i),
                                   role=pipe.family.COMPONENTS[name].role, component=name)
       logging.info("LoRA rank %d on %d %s layers", settings.rank, len(paths), name)
+  if init is not None:
+    factors, alpha = init
+    if set(factors) != set(modules):
+      raise ValueError(f"init_lora={config.init_lora}: the file has LoRA on {sorted(factors)}, this run trains "
+                       f"{sorted(modules)} (set lora.text_encoder to match)")
+    for name, lora in factors.items():
+      try:
+        lora_lib.load_lora_factors(modules[name], lora, alpha=alpha)
+      except ValueError as e:
+        raise ValueError(f"init_lora={config.init_lora} ({name}): {e}; set lora.rank and the lora targets to the "
+                         "file's") from None
+    logging.info("LoRA factors initialised from %s", config.init_lora)
   return modules
 
 
