@@ -37,7 +37,7 @@ def du(path: pathlib.Path) -> int:
 
 def tiny_runs() -> dict:
   from dreambooth_jax import config_files
-  from dreambooth_jax.training import run, run_state  # noqa: PLC0415
+  from dreambooth_jax.training import run  # noqa: PLC0415
   out = {}
   for name in ("full", "lora"):
     config = config_files.load(ROOT / "configs" / "tiny.py", "lora" if name == "lora" else None)

@@ -56,7 +56,7 @@ def main():
   p.add_argument("--batch", type=int, default=1, help="instance images (+ as many class images)")
   p.add_argument("--variants", default=",".join(VARIANTS))
   args = p.parse_args()
-  from dreambooth_jax.training import run, run_state  # noqa: PLC0415
+  from dreambooth_jax.training import run  # noqa: PLC0415
   rows = []
   for name in args.variants.split(","):
     step = run.dry_run(config_for(args.model, args.resolution, args.batch, VARIANTS[name]))

@@ -86,7 +86,7 @@ def make_config(args):
 
 def ours(args) -> dict:
   from dreambooth_jax import sharding
-  from dreambooth_jax.training import run, run_state  # noqa: PLC0415
+  from dreambooth_jax.training import run  # noqa: PLC0415
   config = make_config(args)
   devices = jax.devices()[:args.devices] if args.devices else None
   mesh = sharding.make_mesh(args.data, args.fsdp, devices=devices)

@@ -7,8 +7,7 @@ import pytest
 from test_train import fast_config
 from dreambooth_jax import sharding
 from dreambooth_jax.data import batches
-from dreambooth_jax.training import run, run_state
-from dreambooth_jax.training import plan
+from dreambooth_jax.training import run
 from dreambooth_jax.data import batches as train_data
 from dreambooth_jax.io import diffusers_folder as weights
 

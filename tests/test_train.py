@@ -46,7 +46,7 @@ def read_losses(workdir) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
   """One uninterrupted tiny run (in process), shared by several tests."""
-  from dreambooth_jax.training import run, run_state
+  from dreambooth_jax.training import run
   workdir = tmp_path_factory.mktemp("full") / "run"
   run.train(fast_config(), workdir)
   return workdir
@@ -142,7 +142,7 @@ def test_sigterm_and_kill_9_then_resume_give_identical_losses(full_run, tmp_path
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  from dreambooth_jax.training import run, run_state
+  from dreambooth_jax.training import run
   config = fast_config("learning_rate=1e30", "checkpointing_steps=1", "max_grad_norm=0.0",
                        "with_prior_preservation=False", "validation_steps=0", "cache_latents=False")
   with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step (\d+)") as info:
@@ -153,7 +153,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 
 def test_bad_instance_images_stop_before_training(tmp_path):
-  from dreambooth_jax.training import run, run_state
+  from dreambooth_jax.training import run
   images = tmp_path / "images"
   images.mkdir()
   from PIL import Image

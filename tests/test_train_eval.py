@@ -14,7 +14,7 @@ from test_train import fast_config
 def test_eval_steps_record_and_keep_the_best_checkpoint(tmp_path, models):  # noqa: F811
   import safetensors.torch
 
-  from dreambooth_jax.training import run, run_state
+  from dreambooth_jax.training import run
   from lpips_reference import random_backbone_model
   safetensors.torch.save_model(random_backbone_model("alex"), str(tmp_path / "lpips_alex.safetensors"))
   config = fast_config("max_train_steps=6", "checkpointing_steps=100", "checkpoints_total_limit=1",

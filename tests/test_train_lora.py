@@ -25,7 +25,7 @@ def lora_config(*overrides):
 
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
-  from dreambooth_jax.training import run, run_state
+  from dreambooth_jax.training import run
   workdir = tmp_path_factory.mktemp("lora") / "run"
   run.train(lora_config(), workdir)
   return workdir
@@ -68,7 +68,7 @@ def _leaves(tree):
 
 
 def test_lora_resume_repeats_the_losses(lora_run, tmp_path):
-  from dreambooth_jax.training import run, run_state
+  from dreambooth_jax.training import run
   workdir = tmp_path / "run"
   shutil.copytree(lora_run, workdir)
   shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if killed after step 10's checkpoint
@@ -145,7 +145,6 @@ def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
 
 def test_full_run_refuses_lora_export(tmp_path):
   from dreambooth_jax.io import export as export_lib
-  from dreambooth_jax.training import run_state
   from dreambooth_jax.io import diffusers_folder as weights
   config = lora_config()
   with pytest.raises(ValueError, match="trained the full model"):

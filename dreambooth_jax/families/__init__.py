@@ -19,7 +19,9 @@ A family is chosen from model_index.json's `_class_name` (or, for a single file,
 import types
 
 from dreambooth_jax.families import sd, sdxl
-from dreambooth_jax.families.spec import Component, Pipeline  # noqa: F401 (the package's names)
+from dreambooth_jax.families.spec import Component, Pipeline
+
+__all__ = ["Component", "FAMILIES", "Pipeline", "for_model_index", "for_single_file", "get"]
 
 FAMILIES: dict[str, types.ModuleType] = {"sd": sd, "sdxl": sdxl}
 
