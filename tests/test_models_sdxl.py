@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from reference_models import to_numpy
+from test_models import assert_close
 from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.models import layers
 from dreambooth_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
                                              TEXT_MODEL_CLASSES, projection_model_keys)
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 
-TOL = 1e-4
 SDXL_CONFIGS = pathlib.Path(weights.__file__).resolve().parents[1] / "assets" / "sdxl-configs"
 SDXL_UNET_PARAMS = 2_567_463_684  # stabilityai/stable-diffusion-xl-base-1.0 unet
 
@@ -46,13 +46,6 @@ TINY_SDXL_UNET = dict(
     projection_class_embeddings_input_dim=TIME_IDS * 8 + TINY_TEXT_2["projection_dim"],
 )
 
-
-def assert_close(ours, ref, tol=TOL):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape
-  scale = max(1.0, np.abs(ref).max())
-  err = np.abs(ours - ref).max()
-  assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
 
 
 def nchw(x_BHWC):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from test_models import assert_close
 from test_train import fast_config, read_losses
 from dreambooth_jax.io import diffusers_folder
 from dreambooth_jax.sampling import sampler
@@ -26,12 +27,6 @@ def pipes(tiny_sdxl_dir):
   ref.set_progress_bar_config(disable=True)
   return ref, diffusers_folder.load_pipeline(tiny_sdxl_dir)
 
-
-def assert_close(ours, ref, tol=1e-4):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  err, scale = np.abs(ours - ref).max(), max(1.0, np.abs(ref).max())
-  assert err <= tol * scale, f"max abs error {err:.3g} > {tol} * {scale:.3g}"
 
 
 def test_loads_as_the_sdxl_family(pipes):

@@ -120,13 +120,7 @@ def sdxl_single_file_to_diffusers(tensors: dict, configs: dict) -> dict[str, dic
   out = {c: {} for c in COMPONENTS}
   for comp, m in maps.items():
     for d_key, (l_key, conv) in m.items():
-      x = np.asarray(tensors[l_key])
-      if conv:
-        if x.ndim == 4 and x.shape[2:] == (1, 1):
-          x = x[:, :, 0, 0]
-        elif x.ndim != 2:  # some converted files already store the linear form
-          raise ValueError(f"SDXL single file: {l_key} has shape {x.shape}, expected a 1x1 conv (out, in, 1, 1)")
-      out[comp][d_key] = x
+      out[comp][d_key] = sfk.linear_from_conv(tensors[l_key], l_key) if conv else np.asarray(tensors[l_key])
   hidden = sfk.cfg(configs["text_encoder_2"], "hidden_size")
   for l_key, ds in fused.items():
     x = np.asarray(tensors[l_key])

@@ -279,6 +279,17 @@ def _ignored(key: str, text_config) -> bool:
   return bool(match) and is_open_clip(text_config) and int(match[1]) >= cfg(text_config, "num_hidden_layers")
 
 
+def linear_from_conv(x, key: str) -> np.ndarray:
+  """The original VAE's attention projections are 1x1 convs, diffusers' are linear; some converted files already
+  store the linear form."""
+  x = np.asarray(x)
+  if x.ndim == 4 and x.shape[2:] == (1, 1):
+    return x[:, :, 0, 0]
+  if x.ndim != 2:
+    raise ValueError(f"single file: {key} has shape {x.shape}, expected a 1x1 conv weight (out, in, 1, 1)")
+  return x
+
+
 def single_file_to_diffusers(sd: dict, *, unet_config, vae_config, text_config,
                              text_model_prefix: bool = False) -> tuple[dict, dict, dict]:
   """(unet, vae, text encoder) diffusers/transformers state dicts from an ldm-layout single checkpoint.
@@ -294,15 +305,7 @@ def single_file_to_diffusers(sd: dict, *, unet_config, vae_config, text_config,
   _check_keys("single file", [k for k in sd if not _ignored(k, text_config)], expected)
 
   unet_sd = {d: np.asarray(sd[l]) for d, (l, _) in unet_map.items()}
-  vae_sd = {}
-  for d, (l, conv) in vae_map.items():
-    x = np.asarray(sd[l])
-    if conv:
-      if x.ndim == 4 and x.shape[2:] == (1, 1):
-        x = x[:, :, 0, 0]
-      elif x.ndim != 2:  # some converted files already store the linear form
-        raise ValueError(f"single file: {l} has shape {x.shape}, expected a 1x1 conv weight (out, in, 1, 1)")
-    vae_sd[d] = x
+  vae_sd = {d: linear_from_conv(sd[l], l) if conv else np.asarray(sd[l]) for d, (l, conv) in vae_map.items()}
   text_sd = {d: np.asarray(sd[l]) for d, l in text_map.items()}
   for l_key, keys in fused.items():
     x = np.asarray(sd[l_key])
