@@ -18,9 +18,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from dreambooth_jax import sharding
-from dreambooth_jax.sampling import sampler as sampling
-from dreambooth_jax.io import diffusers_folder, lora_files
-from dreambooth_jax.sampling import schedulers
+from dreambooth_jax.io import load, lora_files
+from dreambooth_jax.sampling import sampler as sampling, schedulers
+
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   if bool(prompt) == bool(prompts_file):
@@ -55,7 +55,7 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
-  pipe = diffusers_folder.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
+  pipe = load.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
   lora_files.apply_lora_files(pipe, [lora_files.parse_lora_arg(arg) for arg in f.lora or []])
   mesh = sharding.make_mesh()
   out = pathlib.Path(f.out)

@@ -14,6 +14,7 @@ from reference_models import to_numpy
 from dreambooth_jax.models import lora
 from dreambooth_jax.io import safetensors as safetensors_io
 from dreambooth_jax.io import single_file as single_file_io
+from dreambooth_jax.io import tokenizers
 from dreambooth_jax import families
 from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.io import single_file_keys as sf
@@ -174,7 +175,7 @@ def test_bundled_configs_build_the_real_models(name):
   assert totals["vae"] == 83_653_863
   if name == "sd15":
     assert totals["text_encoder"] == 123_060_480
-  tok = single_file_io.load_config_tokenizer(folder)
+  tok = tokenizers.load_config_tokenizer(folder)
   assert tok.pad_token == {"sd15": "<|endoftext|>", "sd21": "!"}[name] and tok.model_max_length == 77
   ids = tok("a dog", padding="max_length", max_length=77).input_ids
   assert ids[-1] == tok.convert_tokens_to_ids(tok.pad_token)

@@ -139,7 +139,8 @@ def test_lora_exports_load_in_diffusers(lora_run, tmp_path):
   # Single file with the LoRA merged: our importer reads it back (configs from the merged folder).
   single = export_lib.export(view, config, tmp_path / "model.safetensors", "single_file", merge_lora=True,
                          dtype="float32")
-  again = weights.load_or_init_pipeline(single, single_file_config=str(out))
+  from dreambooth_jax.io import load
+  again = load.load_or_init_pipeline(single, single_file_config=str(out))
   np.testing.assert_allclose(np.asarray(again.unet(x, t, context)), ours, atol=1e-4 * max(1.0, np.abs(ours).max()))
 
 

@@ -18,8 +18,9 @@ from flax import nnx
 
 from dreambooth_jax import families
 from dreambooth_jax.families import Pipeline
-from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io, tokenizers
 from dreambooth_jax.io.safetensors import CheckpointError
+from dreambooth_jax.sampling import schedules
 
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")
@@ -212,8 +213,6 @@ def load_component(model_dir: pathlib.Path, family, component: str, *, dtype=jnp
 def load_pipeline(name_or_path, *, dtype=jnp.float32, param_dtype=jnp.float32, variant: str | None = None,
                   unet_kwargs: dict | None = None) -> Pipeline:
   """A diffusers folder (or hub id) of any supported family; `unet_kwargs` are the denoiser's build options."""
-  from dreambooth_jax.io import tokenizers  # noqa: PLC0415 (keep this module's import floor low)
-  from dreambooth_jax.sampling import schedules  # noqa: PLC0415
 
   model_dir = resolve_model_dir(name_or_path, variant)
   index = read_json(model_dir / "model_index.json")
@@ -283,7 +282,6 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
   """A pipeline with seeded random weights from a folder of config.json files only (the offline default).
   abstract: every parameter a ShapeDtypeStruct (nnx.eval_shape), nothing allocated (memory planning).
   A tokenizer folder without its vocabulary is the bundled CLIP BPE (with the folder's settings)."""
-  from dreambooth_jax.sampling import schedules  # noqa: PLC0415
 
   config_dir = pathlib.Path(config_dir)
   index = read_json(config_dir / "model_index.json")
@@ -296,24 +294,6 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
                              param_dtype=param_dtype, **component_kwargs(family, component, unet_kwargs))
     modules[component] = nnx.eval_shape(make) if abstract else make()
   configs["scheduler"] = read_json(config_dir / "scheduler" / "scheduler_config.json")
-  from dreambooth_jax.io import single_file  # noqa: PLC0415 (single_file imports this module)
   return Pipeline(family=family, modules=modules,
-                  tokenizers={t: single_file.load_config_tokenizer(config_dir, t) for t in family.TOKENIZERS},
+                  tokenizers={t: tokenizers.load_config_tokenizer(config_dir, t) for t in family.TOKENIZERS},
                   schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
-
-
-def load_or_init_pipeline(name_or_path, *, random_init: bool = False, seed: int = 0, **kwargs) -> Pipeline:
-  """A diffusers folder or hub id, or a single-file .safetensors checkpoint (original layout; its family and
-  configs detected from its keys, or given by single_file_config: a bundled name or a diffusers folder of
-  config.json files). `random_init` builds the model from the folder's configs with random weights (the tiny
-  offline default)."""
-  if random_init:
-    kwargs.pop("variant", None)  # no weight files are read
-    kwargs.pop("single_file_config", None)
-    return random_pipeline(name_or_path, seed=seed, **kwargs)
-  single_file_config = kwargs.pop("single_file_config", "auto") or "auto"
-  if pathlib.Path(str(name_or_path)).suffix in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
-    from dreambooth_jax.io import single_file  # noqa: PLC0415 (single_file imports this module)
-    kwargs.pop("variant", None)
-    return single_file.load_single_file_pipeline(name_or_path, config=single_file_config, **kwargs)
-  return load_pipeline(name_or_path, **kwargs)

@@ -54,13 +54,6 @@ def read_configs(folder: pathlib.Path, family) -> dict:
   return configs
 
 
-def load_config_tokenizer(folder: pathlib.Path, name: str = "tokenizer"):
-  """The folder's tokenizer; for bundled configs the CLIP BPE with the folder's settings (SD 2.x and SDXL's second
-  tokenizer pad with "!"), kept as <name>/tokenizer_config.json or, for SD, <name>_config.json beside it."""
-  return tokenizers.load_tokenizer(folder / name, settings_file=folder / f"{name}_config.json"
-                                   if (folder / f"{name}_config.json").is_file() else None)
-
-
 def _torch_shape(path: tuple, shape: tuple) -> tuple:
   if path[-1] == "kernel":
     return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(reversed(shape))
@@ -110,7 +103,7 @@ def load_single_file_pipeline(path, *, config="auto", dtype=jnp.float32, param_d
     modules[component] = diffusers_folder.load_module(make, converted[component], where=where,
                                                       param_dtype=param_dtype)
   return Pipeline(family=family, modules=modules,
-                  tokenizers={t: load_config_tokenizer(folder, t) for t in family.TOKENIZERS},
+                  tokenizers={t: tokenizers.load_config_tokenizer(folder, t) for t in family.TOKENIZERS},
                   schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
 
 

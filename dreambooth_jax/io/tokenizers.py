@@ -32,6 +32,13 @@ def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77, settings_file
   return CLIPTokenizer.from_pretrained(str(folder))
 
 
+def load_config_tokenizer(folder: pathlib.Path, name: str = "tokenizer"):
+  """The folder's tokenizer; for bundled configs the CLIP BPE with the folder's settings (SD 2.x and SDXL's second
+  tokenizer pad with "!"), kept as <name>/tokenizer_config.json or, for SD, <name>_config.json beside it."""
+  return load_tokenizer(folder / name, settings_file=folder / f"{name}_config.json"
+                                   if (folder / f"{name}_config.json").is_file() else None)
+
+
 def tokenize(tokenizer, prompts: list[str]) -> np.ndarray:
   """Token ids (B, model_max_length) int32, padded and truncated as diffusers' pipelines do."""
   ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dreambooth_jax.data import batches
 from dreambooth_jax.families import Pipeline
-from dreambooth_jax.io import diffusers_folder, lora_files
+from dreambooth_jax.io import diffusers_folder, load, lora_files
 from dreambooth_jax.models import lora as lora_lib
 from dreambooth_jax.training import checkpoint, step as step_lib
 
@@ -44,7 +44,7 @@ def load_model(config) -> Pipeline:
   path = config.pretrained_model_name_or_path
   if config.random_init and path == "tiny":
     path = diffusers_folder.TINY_MODEL
-  return diffusers_folder.load_or_init_pipeline(
+  return load.load_or_init_pipeline(
       path, random_init=config.random_init, seed=config.seed, dtype=compute_dtype(config),
       param_dtype=param_dtype(config), variant=config.variant or None, unet_kwargs=denoiser_kwargs(config),
       single_file_config=config.get("single_file_config", "auto"))
