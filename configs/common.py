@@ -22,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.with_prior_preservation = True
   c.prior_loss_weight = 1.0
   c.num_class_images = 200
-  c.resolution = 512
+  c.resolution = 512  # 0 = the model's own (SD 1.5: 512, SD 2.1: 768, SDXL: 1024)
   c.center_crop = True
   c.random_flip = False
   c.on_bad_image = "error"  # or "skip"

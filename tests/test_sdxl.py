@@ -6,6 +6,7 @@ Tolerance: fp32; text 1e-4 relative to the output's scale, images 1e-4 absolute 
 """
 
 import json
+import pathlib
 
 import jax
 import numpy as np
@@ -194,3 +195,15 @@ def test_a_folder_missing_a_component_is_named(tiny_sdxl_dir, tmp_path):
   shutil.rmtree(broken / "text_encoder_2")
   with pytest.raises(CheckpointError, match=r"sdxl component folder text_encoder_2/ is missing"):
     diffusers_folder.load_pipeline(broken)
+
+
+def test_resolution_zero_is_the_models_default(tiny_sdxl_dir):
+  from dreambooth_jax import config_files
+  from dreambooth_jax.training import run_state
+  config = config_files.load(pathlib.Path(__file__).resolve().parents[1] / "configs" / "dog_sdxl.py", "lora")
+  config.pretrained_model_name_or_path = str(tiny_sdxl_dir)
+  assert config.resolution == 0
+  assert run_state.resolve_defaults(config).resolution == 8 * 2  # tiny: sample_size 8 x the VAE's factor 2
+  config.pretrained_model_name_or_path = "stabilityai/stable-diffusion-xl-base-1.0"  # offline: bundled configs
+  config.resolution = 0
+  assert run_state.resolve_defaults(config).resolution == 1024

@@ -122,6 +122,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
 
 def dry_run(config, mesh=None) -> CompiledStep:
   """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
+  run_state.resolve_defaults(config)
   mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
   pipe = plan_lib.abstract_model(config, dtype=run_state.compute_dtype(config),
                                  param_dtype=run_state.param_dtype(config),
@@ -175,6 +176,7 @@ def train(config, workdir: pathlib.Path) -> Job:
   """Runs (or resumes) the job; returns it with its final (device) state."""
   distributed.initialize()
   workdir.mkdir(parents=True, exist_ok=True)
+  run_state.resolve_defaults(config)
   write_config(config, workdir)
   primary = jax.process_index() == 0
   job = setup(config, workdir)

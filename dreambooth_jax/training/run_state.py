@@ -40,6 +40,22 @@ def denoiser_kwargs(config) -> dict:
   return {"remat": config.remat, "attention_impl": config.get("attention", "auto")}
 
 
+def resolve_defaults(config):
+  """Fills the settings whose default is the model's own, in place, before anything uses them (the saved config
+  holds the resolved values): resolution = 0 -> the family's default resolution for this model (SD 1.5 512,
+  SD 2.1 768, SDXL 1024)."""
+  if config.resolution > 0:
+    return config
+  from dreambooth_jax import families  # noqa: PLC0415
+  from dreambooth_jax.training import plan  # noqa: PLC0415 (the model's config folder, no weights read)
+  folder = plan.model_config_dir(config)
+  configs = {name: diffusers_folder.read_json(folder / name / "config.json") for name in ("unet", "vae")}
+  family = families.for_model_index(diffusers_folder.read_json(folder / "model_index.json"), str(folder))
+  config.resolution = family.default_resolution(configs)
+  logging.info("resolution: %d (the %s model's default)", config.resolution, family.NAME)
+  return config
+
+
 def load_model(config) -> Pipeline:
   path = config.pretrained_model_name_or_path
   if config.random_init and path == "tiny":
