@@ -100,7 +100,8 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
   settings = step_lib.LossSettings(
       prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
-      snr_gamma=config.snr_gamma, offset_noise=config.offset_noise)
+      snr_gamma=config.snr_gamma, snr_weighting=config.get("snr_weighting", "min_snr"),
+      offset_noise=config.offset_noise)
   step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings)
   batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
