@@ -159,9 +159,9 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
 
   mgr = checkpoint.manager(workdir, config.checkpoints_total_limit,
                            best_metric=config.eval_metric if config.get("eval_steps") else None)
-  if mgr.latest_step() is not None:
-    restored, state, side = checkpoint.restore(mgr, None, checkpoint.abstract_like(step.abstract_state,
-                                                                                   step.state_shardings))
+  resumed = checkpoint.restore_latest_good(mgr, checkpoint.abstract_like(step.abstract_state, step.state_shardings))
+  if resumed is not None:
+    restored, state, side = resumed
     data.set_state(side["data"])
     logging.info("resumed from step %d", restored)
   else:
