@@ -83,6 +83,13 @@ def _encode_text(family, modules, ids):
   return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
 
 
+def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str):
+  try:
+    return data_lib.load_subject_images(folder, resolution, caption, on_bad_image=on_bad_image)
+  except FileNotFoundError as e:  # the key to change, for the CLI's one-line error
+    raise FileNotFoundError(f"{key}: {e}") from None
+
+
 class TrainData:
   def __init__(self, config, pipe, mesh, workdir: pathlib.Path):
     self.config, self.mesh = config, mesh
@@ -99,12 +106,12 @@ class TrainData:
           f"{mesh.devices.size} devices; raise train_batch_size")
     local = config.train_batch_size // processes
     instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
-    self.sets = {"instance": data_lib.load_subject_images(instance_dir, config.resolution, config.instance_prompt,
-                                                          on_bad_image=config.on_bad_image)}
+    self.sets = {"instance": _load_images("instance_data_dir", instance_dir, config.resolution,
+                                          config.instance_prompt, config.on_bad_image)}
     if self.with_prior:
       class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
-      self.sets["class"] = data_lib.load_subject_images(class_dir, config.resolution, config.class_prompt,
-                                                        on_bad_image=config.on_bad_image)
+      self.sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
+                                        config.on_bad_image)
     self.iterators = {
         name: data_lib.SubjectIterator(images, local, seed=config.seed + k, center_crop=config.center_crop,
                                        random_flip=config.random_flip, process_index=index,

@@ -1,0 +1,60 @@
+"""Expected user mistakes end the CLIs in one line on stderr naming what to change, a non-zero status and no
+traceback (dreambooth_jax/cli.py); the helper keeps tracebacks for errors raised outside the package."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from dreambooth_jax import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.py"
+
+
+def run_cli(module, *args, tmp_path):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", f"dreambooth_jax.{module}", *args], capture_output=True, text=True,
+                        timeout=300, env=env, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    ("train", ["--config.random_init=False", "--config.pretrained_model_name_or_path=nobody/nothing"],
+     "pretrained_model_name_or_path='nobody/nothing'"),
+    ("train", ["--config.mixed_precision=fp8"], "mixed_precision='fp8'"),
+    ("train", ["--config.lora.enabled=True", "--config.lora.rank=0"], "lora.rank = 0"),
+    ("train", ["--config.resolution=36"], "resolution=36"),
+    ("train", ["--config.instance_data_dir=/no/such/folder"], "instance_data_dir: /no/such/folder"),
+    ("sample", ["--model=/no/such/folder", "--prompt=x", "--out=samples"], "--model=/no/such/folder"),
+    ("export", ["--workdir=/no/such/run"], "/no/such/run"),
+], ids=["hub-offline", "mixed-precision", "lora-rank", "resolution", "instance-dir", "sample-model", "export-workdir"])
+def test_user_mistakes_end_in_one_line(module, args, expected, tmp_path):
+  if module == "train":
+    args = [f"--config={TINY}", f"--workdir={tmp_path / 'run'}", *args]
+  result = run_cli(module, *args, tmp_path=tmp_path)
+  assert result.returncode != 0
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith(f"{module}: error: ") and expected in last, last
+
+
+def test_library_errors_keep_their_traceback():
+  @cli.main("x")
+  def main(argv):
+    del argv
+    int("not a number")  # a ValueError raised inside Python itself: a bug here, not a user mistake
+
+  with pytest.raises(ValueError):
+    main([])
+
+  @cli.main("x")
+  def ours(argv):
+    del argv
+    from dreambooth_jax.training import run_state
+    run_state.compute_dtype(type("Config", (), {"mixed_precision": "fp8"})())  # our own check
+
+  with pytest.raises(SystemExit, match="x: error: mixed_precision='fp8'"):
+    ours([])
+  assert cli.one_line(ValueError("2 bad files:\n  a.jpg\n  b.png")) == "2 bad files:; a.jpg; b.png"
