@@ -9,11 +9,14 @@ import functools
 import pathlib
 import sys
 
-from dreambooth_jax.training import checkpoint as checkpoint_lib
-
 PACKAGE = pathlib.Path(__file__).resolve().parent
-PROJECT_ERRORS = (checkpoint_lib.CheckpointError,)  # the others subclass ValueError
 CHECK_ERRORS = (ValueError, OSError)
+
+
+def project_errors() -> tuple:
+  """Our error types that do not subclass ValueError (imported late: this module stays import-light)."""
+  from dreambooth_jax.training import checkpoint  # noqa: PLC0415
+  return (checkpoint.CheckpointError,)
 
 
 def raised_here(error: BaseException) -> bool:
@@ -43,10 +46,8 @@ def main(prog: str):
     def wrapped(argv):
       try:
         return fn(argv)
-      except PROJECT_ERRORS as e:
-        sys.exit(f"{prog}: error: {one_line(e)}")
-      except CHECK_ERRORS as e:
-        if not raised_here(e):
+      except (*CHECK_ERRORS, *project_errors()) as e:
+        if not (isinstance(e, project_errors()) or raised_here(e)):
           raise
         sys.exit(f"{prog}: error: {one_line(e)}")
     return wrapped

@@ -42,6 +42,11 @@ def global_batch_size(config) -> int:
   return config.train_batch_size * (2 if config.with_prior_preservation else 1)
 
 
+def describe_batch(config) -> str:
+  return (f"the global batch of {global_batch_size(config)} examples (train_batch_size={config.train_batch_size}"
+          f"{' x 2 with prior preservation' if config.with_prior_preservation else ''})")
+
+
 def batch_schema(config, pipe) -> dict:
   """The one definition of a micro-batch: {key: (per-example shape, dtype)}. TrainData yields these keys (with
   leading (accumulation, example) axes), the memory plan and the AOT compile build abstract batches from it, and
@@ -68,7 +73,7 @@ def batch_schema(config, pipe) -> dict:
 def batch_spec(config, pipe, mesh) -> dict:
   """ShapeDtypeStructs (with shardings) of the batches TrainData.next_batch yields for this config."""
   accum, batch = config.gradient_accumulation_steps, global_batch_size(config)
-  sharding = sharding_lib.accumulation_batch_sharding(mesh)
+  sharding = sharding_lib.accumulation_batch_sharding(mesh, batch)
   return {k: jax.ShapeDtypeStruct((accum, batch, *shape), dtype, sharding=sharding)
           for k, (shape, dtype) in batch_schema(config, pipe).items()}
 
@@ -99,11 +104,8 @@ class TrainData:
                        f"({processes})")
     self.with_prior = bool(config.with_prior_preservation)
     self.global_batch_size = global_batch_size(config)
-    if self.global_batch_size % mesh.devices.size:
-      raise ValueError(
-          f"the global batch ({self.global_batch_size} examples: train_batch_size={config.train_batch_size}"
-          f"{' x 2 with prior preservation' if self.with_prior else ''}) must be a multiple of the "
-          f"{mesh.devices.size} devices; raise train_batch_size")
+    if self.global_batch_size % mesh.shape["data"]:  # run.make_mesh refuses this first, with the levers
+      raise ValueError(f"{describe_batch(config)} does not divide over mesh_data={mesh.shape['data']}")
     local = config.train_batch_size // processes
     instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
     self.sets = {"instance": _load_images("instance_data_dir", instance_dir, config.resolution,
@@ -174,7 +176,7 @@ class TrainData:
   def next_batch(self) -> dict:
     micro = [self._local_micro_batch(a) for a in range(self.config.gradient_accumulation_steps)]
     local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-    sharding = sharding_lib.accumulation_batch_sharding(self.mesh)
+    sharding = sharding_lib.accumulation_batch_sharding(self.mesh, self.global_batch_size)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
   def get_state(self) -> dict:

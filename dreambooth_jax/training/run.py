@@ -123,7 +123,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
 
 def dry_run(config, mesh=None) -> CompiledStep:
   """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
-  mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
+  mesh = mesh or make_mesh(config)
   pipe = plan_lib.abstract_model(config, dtype=run_state.compute_dtype(config),
                                  param_dtype=run_state.param_dtype(config),
                                  unet_kwargs=run_state.denoiser_kwargs(config))
@@ -136,11 +136,19 @@ def dry_run(config, mesh=None) -> CompiledStep:
   return step
 
 
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The config's mesh, fitted to the global batch (sharding.mesh_for_batch); refusals name train_batch_size."""
+  try:
+    return sharding.mesh_for_batch(config.mesh_data, config.mesh_fsdp, batches.global_batch_size(config))
+  except ValueError as e:
+    raise ValueError(f"{e}; {batches.describe_batch(config)}") from None
+
+
 def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   """Model, compiled step (refused if it cannot fit), class images, data, sharded state (restored if a
   checkpoint exists)."""
   in_training_eval.check_config(config)
-  mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
+  mesh = mesh or make_mesh(config)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
   pipe = run_state.load_model(config)
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
