@@ -110,7 +110,7 @@ def default_data_size(devices: int, batch_size: int) -> int:
   return max(d for d in range(1, devices + 1) if devices % d == 0 and batch_size % d == 0)
 
 
-def mesh_for_batch(data: int, fsdp: int, batch_size: int, devices=None) -> Mesh:
+def mesh_for_batch(data: int, fsdp: int, batch_size: int, devices=None, batch_name: str = "") -> Mesh:
   """make_mesh for a global batch of batch_size examples. data=-1 with fsdp=1 (the default): data parallelism over
   default_data_size devices, fsdp over the rest. An explicit mesh whose `data` axis does not divide the batch is
   refused (ValueError naming mesh_data/mesh_fsdp)."""
@@ -121,9 +121,10 @@ def mesh_for_batch(data: int, fsdp: int, batch_size: int, devices=None) -> Mesh:
   mesh = make_mesh(data, fsdp, devices=devices)
   size = mesh.shape["data"]
   if batch_size % size:
-    raise ValueError(f"mesh_data={size} x mesh_fsdp={mesh.shape['fsdp']} cannot split a global batch of {batch_size} "
-                     f"examples (the batch is split over mesh_data): set mesh_data to a divisor of {batch_size} "
-                     f"(mesh_data=-1 with mesh_fsdp=1 picks one) or a batch that is a multiple of {size}")
+    raise ValueError(f"mesh_data={size} x mesh_fsdp={mesh.shape['fsdp']} cannot split "
+                     f"{batch_name or f'a global batch of {batch_size} examples'} over mesh_data: set mesh_data to a "
+                     f"divisor of {batch_size} (mesh_data=-1 with mesh_fsdp=1 picks one) or make the batch a "
+                     f"multiple of {size} examples (train_batch_size)")
   if jax.process_count() > 1 and batch_axes(mesh, batch_size) != tuple(mesh.axis_names):
     # each process loads its own slice of the batch: that needs every device to hold a distinct slice
     raise ValueError(f"multi-host: the global batch ({batch_size} examples) must be a multiple of the "

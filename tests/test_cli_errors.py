@@ -14,8 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
 
 
-def run_cli(module, *args, tmp_path):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), JAX_PLATFORMS="cpu")
+def run_cli(module, *args, tmp_path, **env_vars):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), JAX_PLATFORMS="cpu", **env_vars)
   return subprocess.run([sys.executable, "-m", f"dreambooth_jax.{module}", *args], capture_output=True, text=True,
                         timeout=300, env=env, cwd=tmp_path)
 
@@ -38,6 +38,16 @@ def test_user_mistakes_end_in_one_line(module, args, expected, tmp_path):
   assert "Traceback" not in result.stderr, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith(f"{module}: error: ") and expected in last, last
+
+
+def test_mesh_that_cannot_hold_the_batch_is_refused(tmp_path):
+  """8 devices, global batch 2 (train_batch_size=1 with prior preservation), explicit mesh_data=8."""
+  result = run_cli("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}", "--config.train_batch_size=1",
+                   "--config.mesh_data=8", tmp_path=tmp_path, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("train: error: mesh_data=8 x mesh_fsdp=1 cannot split the global batch of 2 examples "
+                         "(train_batch_size=1 x 2 with prior preservation)"), last
 
 
 def test_library_errors_keep_their_traceback():

@@ -138,10 +138,8 @@ def dry_run(config, mesh=None) -> CompiledStep:
 
 def make_mesh(config) -> jax.sharding.Mesh:
   """The config's mesh, fitted to the global batch (sharding.mesh_for_batch); refusals name train_batch_size."""
-  try:
-    return sharding.mesh_for_batch(config.mesh_data, config.mesh_fsdp, batches.global_batch_size(config))
-  except ValueError as e:
-    raise ValueError(f"{e}; {batches.describe_batch(config)}") from None
+  return sharding.mesh_for_batch(config.mesh_data, config.mesh_fsdp, batches.global_batch_size(config),
+                                 batch_name=batches.describe_batch(config))
 
 
 def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
