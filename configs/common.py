@@ -59,6 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 1024-query chunks, recomputed on the backward pass (no full score matrix: the memory lever on TPU and CPU)
   c.attention = "auto"
   c.snr_gamma = 0.0  # 0 = off; 5.0 is the usual min-SNR value
+  # v-prediction only: "min_snr" = min(snr, gamma) / (snr + 1) (the paper; diffusers' train_dreambooth.py) |
+  # "snr_plus_one" = min(snr + 1, gamma) / (snr + 1) (older diffusers train_text_to_image.py)
+  c.snr_weighting = "min_snr"
   c.offset_noise = 0.0  # 0 = off; 0.1 as diffusers' --offset_noise
   c.seed = 0
   # Parallelism: mesh axis sizes (-1 = all remaining devices).

@@ -18,11 +18,12 @@ import csv
 import dataclasses
 import json
 import pathlib
-import sys
 
 import numpy as np
 from absl import app, flags
 from flax import nnx
+
+from dreambooth_jax import cli
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -282,6 +283,7 @@ def report(results: dict) -> str:
   return "\n".join(lines)
 
 
+@cli.main("evaluate")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -289,14 +291,10 @@ def main(argv):
   for name in ("generated", "real"):
     if not getattr(f, name):
       raise app.UsageError(f"--{name} is required")
-  from dreambooth_jax.io.safetensors import CheckpointError  # noqa: PLC0415
-  try:
-    results = evaluate(f.generated, f.real, dino_model=f.dino_model, clip_model=f.clip_model,
-                       prompts_file=f.prompts, class_generated=f.class_generated, batch_size=f.batch_size,
-                       dino_preprocess=f.dino_preprocess, lpips_model=f.lpips_model, lpips_net=f.lpips_net,
-                       lpips_lin=f.lpips_lin)
-  except (InputError, CheckpointError, ValueError) as e:
-    sys.exit(f"evaluate: error: {e}")
+  results = evaluate(f.generated, f.real, dino_model=f.dino_model, clip_model=f.clip_model,
+                     prompts_file=f.prompts, class_generated=f.class_generated, batch_size=f.batch_size,
+                     dino_preprocess=f.dino_preprocess, lpips_model=f.lpips_model, lpips_net=f.lpips_net,
+                     lpips_lin=f.lpips_lin)
   print(report(results))
   if f.out:
     out = pathlib.Path(f.out)

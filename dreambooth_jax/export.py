@@ -17,6 +17,7 @@ import pathlib
 
 from absl import app, flags
 
+from dreambooth_jax import cli
 from dreambooth_jax.io import export as export_lib
 from dreambooth_jax.training import run_state
 
@@ -32,6 +33,7 @@ def resolve_step(workdir: pathlib.Path, step: str | None) -> int | None:
   return int(step)
 
 
+@cli.main("export")
 def main(argv):
   del argv
   f = flags.FLAGS

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from PIL import Image
 from tqdm import tqdm
 
-from dreambooth_jax import sharding
+from dreambooth_jax import cli, sharding
 from dreambooth_jax.io import load, lora_files
 from dreambooth_jax.sampling import sampler as sampling, schedulers
 
@@ -36,6 +36,7 @@ def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
   return prompts
 
 
+@cli.main("sample")
 def main(argv):
   del argv
   import jax.numpy as jnp  # noqa: PLC0415
@@ -55,7 +56,10 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
-  pipe = load.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
+  try:
+    pipe = load.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
+  except (ValueError, FileNotFoundError) as e:
+    raise cli.with_context(e, f"--model={f.model}") from None
   lora_files.apply_lora_files(pipe, [lora_files.parse_lora_arg(arg) for arg in f.lora or []])
   mesh = sharding.make_mesh()
   out = pathlib.Path(f.out)

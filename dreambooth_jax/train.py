@@ -12,7 +12,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dreambooth_jax import distributed
+from dreambooth_jax import cli, distributed
 from dreambooth_jax.training import plan as plan_lib, run
 
 
@@ -22,6 +22,7 @@ def quiet_library_logs():
       lambda record: record.levelno >= std_logging.WARNING or "/orbax/" not in record.pathname.replace("\\", "/"))
 
 
+@cli.main("train")
 def main(argv):
   del argv
   quiet_library_logs()

@@ -284,3 +284,29 @@ def test_cli_div_with_lpips_weights(models, data, tmp_path):
   assert written["counts"]["div_pairs"] == 2 and written["models"]["lpips_net"] == "alex"
   assert [written["per_prompt"][p]["div"] for p in prompts] == pytest.approx(expected, rel=1e-4)
   assert written["div"] == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_exif_rotated_photo_scores_as_upright(models, data, tmp_path):
+  """Evaluation decodes with training's decoder: a photo stored sideways with an EXIF orientation tag (6: rotate 90
+  degrees clockwise to display) scores as the upright file (DINO, CLIP-I within 1e-6)."""
+  from dreambooth_jax.data import images as images_lib
+  root, _, _ = models
+  data_root, _ = data
+  rng = np.random.default_rng(7)
+  small = Image.fromarray(rng.integers(0, 256, (12, 18, 3), np.uint8)).resize((72, 48), Image.BILINEAR)
+  (tmp_path / "upright").mkdir()
+  (tmp_path / "sideways").mkdir()
+  small.save(tmp_path / "upright" / "photo.png")
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  small.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways" / "photo.png", exif=exif)
+  decoded = np.asarray(images_lib.open_image(tmp_path / "sideways" / "photo.png"))
+  np.testing.assert_array_equal(decoded, np.asarray(small))
+  encoders = evaluate.load_encoders(root / "dino", root / "clip")
+  score = lambda real: evaluate.evaluate(data_root / "generated", real, encoders=encoders)
+  upright, sideways = score(tmp_path / "upright"), score(tmp_path / "sideways")
+  for key in ("dino", "clip_i"):
+    assert sideways[key] == pytest.approx(upright[key], abs=1e-6), key
+  # Without the orientation the scores do differ (the test can tell).
+  Image.open(tmp_path / "sideways" / "photo.png").save(tmp_path / "sideways" / "photo.png", exif=Image.Exif())
+  assert score(tmp_path / "sideways")["dino"] != pytest.approx(upright["dino"], abs=1e-6)

@@ -3,6 +3,8 @@
 Tolerance: fp32, max abs error <= 1e-5 x max(1, max |reference|).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,6 +88,23 @@ def test_min_snr_weights():
     np.testing.assert_allclose(np.asarray(S.snr(ours, t)), snr, rtol=1e-5)
     expected = np.minimum(snr, 5.0) / (snr + 1 if prediction == "v_prediction" else snr)  # train_dreambooth.py
     np.testing.assert_allclose(np.asarray(S.min_snr_loss_weight(ours, t, 5.0)), expected, rtol=1e-5)
+
+
+def test_snr_weightings_by_hand():
+  """Both v-prediction formulas against hand-computed values at snr = 9, 4.5 and 0.25 (gamma 5); epsilon is the
+  same for both; an unknown name is refused by name."""
+  alphas = np.array([0.9, 4.5 / 5.5, 0.2], np.float32)  # snr = a / (1 - a) = 9, 4.5, 0.25
+  t = np.arange(3)
+  for prediction, weighting, expected in [
+      ("v_prediction", "min_snr", [5 / 10, 4.5 / 5.5, 0.25 / 1.25]),
+      ("v_prediction", "snr_plus_one", [5 / 10, 5 / 5.5, 1.0]),
+      ("epsilon", "min_snr", [5 / 9, 1.0, 1.0]), ("epsilon", "snr_plus_one", [5 / 9, 1.0, 1.0])]:
+    schedule = dataclasses.replace(S.schedule_from_config({"prediction_type": prediction}),
+                                   alphas_cumprod=jnp.asarray(alphas))
+    np.testing.assert_allclose(np.asarray(S.min_snr_loss_weight(schedule, t, 5.0, weighting)), expected, rtol=1e-6,
+                               err_msg=f"{prediction} {weighting}")
+  with pytest.raises(ValueError, match="snr_weighting='paper'"):
+    S.min_snr_loss_weight(schedule, t, 5.0, "paper")
 
 
 @pytest.mark.parametrize("key, value", [("beta_schedule", "foo"), ("prediction_type", "x0"),

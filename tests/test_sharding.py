@@ -145,3 +145,62 @@ def test_two_processes_train_save_restore_and_agree(tmp_path):
   one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
   assert len(two) == 3
   np.testing.assert_allclose(two, one, rtol=1e-5)
+
+
+SMALL_BATCH = r"""
+import json, sys, tempfile, pathlib
+import jax, numpy as np
+sys.path.insert(0, {tests!r})
+from test_train import fast_config
+from dreambooth_jax import sharding
+from dreambooth_jax.io import diffusers_folder
+from dreambooth_jax.sampling import sampler
+from dreambooth_jax.training import run
+tmp = pathlib.Path(tempfile.mkdtemp())
+# Global batch 2 (1 instance + 1 class example); class images generated on each mesh (sampling pads to 8 devices).
+config = fast_config("train_batch_size=1", "validation_steps=0")
+out = {{}}
+for name, mesh in [("1", sharding.make_mesh(1, 1, devices=jax.devices()[:1])), ("8", None)]:
+  job = run.setup(config, tmp / name, mesh=mesh)
+  state, losses = job.state, []
+  for _ in range(3):
+    state, metrics = job.step_fn(state, job.data.next_batch(), job.rng, job.frozen)
+    losses.append(float(metrics["loss"]))
+  out[name] = {{"losses": losses, "mesh": dict(job.mesh.shape)}}
+try:
+  run.make_mesh(fast_config("train_batch_size=1", "mesh_data=8"))
+except ValueError as e:
+  out["refused"] = str(e)
+# Sampling: 5 prompts in batches of 3 (padded to the 8 devices) equal the unsharded images.
+pipe = diffusers_folder.random_pipeline(seed=0)
+settings = sampler.SamplerSettings(steps=2, guidance=3.0, height=32, width=32)
+prompts = [f"a photo of dog {{i}}" for i in range(5)]
+images = {{}}
+for name, mesh in [("1", None), ("8", sharding.make_mesh())]:
+  images[name] = np.concatenate([im for _, im in sampler.generate_all(pipe, prompts, seed=1, batch_size=3,
+                                                                      settings=settings, mesh=mesh)])
+diff = np.abs(images["1"].astype(int) - images["8"].astype(int))
+out["sampling"] = {{"shape": list(images["8"].shape), "max_diff": int(diff.max()), "mean_diff": float(diff.mean())}}
+print(json.dumps(out))
+"""
+
+
+def test_small_batch_on_8_devices_default_mesh_equals_1_device():
+  """train_batch_size=1 with prior preservation (global batch 2) on 8 fake CPU devices: the default mesh is data=2 x
+  fsdp=4 (the batch over data, replicated over fsdp), class images are generated on it, and 3 losses equal the
+  1-device run's (rtol 1e-3: class images generated on another mesh may round a PNG level differently). An explicit
+  mesh_data=8 is refused in one line; sampling on 8 devices gives the 1-device images (within one uint8 level)."""
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", SMALL_BATCH.format(tests=TESTS)], env=env, capture_output=True,
+                          text=True, timeout=900, cwd=ROOT)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out["8"]["mesh"] == {"data": 2, "fsdp": 4}
+  np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"], rtol=1e-3)
+  refused = out["refused"]
+  assert "\n" not in refused and all(k in refused for k in ("mesh_data=8", "mesh_fsdp=1", "train_batch_size=1"))
+  assert out["sampling"]["shape"] == [5, 32, 32, 3] and out["sampling"]["max_diff"] <= 1, out["sampling"]
+
+
+def test_default_data_size():
+  assert [sharding.default_data_size(8, b) for b in (1, 2, 4, 6, 8, 16)] == [1, 2, 4, 2, 8, 8]

@@ -149,3 +149,47 @@ def test_hub_ids_offline_and_bad_names(monkeypatch, tmp_path):
     encoders.resolve_folder("facebook/dino-vits16", "DINO model")
   with pytest.raises(CheckpointError, match="no such folder, and not a hub id"):
     weights.resolve_model_dir(str(tmp_path / "missing"))
+
+
+def test_hub_id_loads_offline_from_a_prefilled_cache(tiny_sd1_dir, tmp_path):
+  """A hub id in offline mode loads from huggingface_hub's cache layout (models--owner--name/refs/main +
+  snapshots/<sha>/), as a cache filled on another machine leaves it; the same weights as the folder."""
+  import os
+  import subprocess
+  import sys
+  repo = tmp_path / "hub" / "models--owner--tiny-sd"
+  sha = "0123456789abcdef0123456789abcdef01234567"
+  shutil.copytree(tiny_sd1_dir, repo / "snapshots" / sha)
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text(sha)
+  script = ("import json, numpy as np\nfrom dreambooth_jax.io import diffusers_folder as w\n"
+            "pipe = w.load_pipeline('owner/tiny-sd')\n"
+            "print(json.dumps({k: float(np.abs(v).sum()) for k, v in w.module_state_dict(pipe.unet).items()}))")
+  env = dict(os.environ, HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads(result.stdout.strip().splitlines()[-1])
+  expected = {k: float(np.abs(v).sum()) for k, v in weights.module_state_dict(weights.load_pipeline(tiny_sd1_dir).unet).items()}
+  assert got == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_hub_patterns_select_only_the_component_files(variant):
+  """What a hub download fetches: model_index, scheduler, tokenizer and the chosen variant's component configs and
+  weights (single or sharded), not the repository's other checkpoints, pickles or unused components."""
+  from huggingface_hub.utils import filter_repo_objects
+  family = families.FAMILIES["sd"]
+  suffix = f".{variant}" if variant else ""
+  wanted = {"model_index.json", "scheduler/scheduler_config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+            "unet/config.json", f"unet/diffusion_pytorch_model{suffix}.safetensors", "vae/config.json",
+            f"vae/diffusion_pytorch_model-00001-of-00002{suffix}.safetensors",
+            f"vae/diffusion_pytorch_model{suffix}.safetensors.index.json",
+            "text_encoder/config.json", f"text_encoder/model{suffix}.safetensors"}
+  other = f"{'' if variant else '.fp16'}"  # the variant not asked for
+  unwanted = {"v1-5-pruned.safetensors", "v1-5-pruned-emaonly.ckpt", "unet/diffusion_pytorch_model.bin",
+              f"unet/diffusion_pytorch_model{other}.safetensors" if variant is None else
+              "unet/diffusion_pytorch_model.non_ema.safetensors",
+              "text_encoder/pytorch_model.bin", "text_encoder/flax_model.msgpack", "safety_checker/model.safetensors",
+              "feature_extractor/preprocessor_config.json", "README.md"}
+  selected = set(filter_repo_objects(sorted(wanted | unwanted), allow_patterns=weights.hub_patterns(family, variant)))
+  assert selected == wanted, (sorted(selected - wanted), sorted(wanted - selected))

@@ -42,6 +42,11 @@ def global_batch_size(config) -> int:
   return config.train_batch_size * (2 if config.with_prior_preservation else 1)
 
 
+def describe_batch(config) -> str:
+  return (f"the global batch of {global_batch_size(config)} examples (train_batch_size={config.train_batch_size}"
+          f"{' x 2 with prior preservation' if config.with_prior_preservation else ''})")
+
+
 def batch_schema(config, pipe) -> dict:
   """The one definition of a micro-batch: {key: (per-example shape, dtype)}. TrainData yields these keys (with
   leading (accumulation, example) axes), the memory plan and the AOT compile build abstract batches from it, and
@@ -68,7 +73,7 @@ def batch_schema(config, pipe) -> dict:
 def batch_spec(config, pipe, mesh) -> dict:
   """ShapeDtypeStructs (with shardings) of the batches TrainData.next_batch yields for this config."""
   accum, batch = config.gradient_accumulation_steps, global_batch_size(config)
-  sharding = sharding_lib.accumulation_batch_sharding(mesh)
+  sharding = sharding_lib.accumulation_batch_sharding(mesh, batch)
   return {k: jax.ShapeDtypeStruct((accum, batch, *shape), dtype, sharding=sharding)
           for k, (shape, dtype) in batch_schema(config, pipe).items()}
 
@@ -83,6 +88,13 @@ def _encode_text(family, modules, ids):
   return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
 
 
+def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str):
+  try:
+    return data_lib.load_subject_images(folder, resolution, caption, on_bad_image=on_bad_image)
+  except FileNotFoundError as e:  # the key to change, for the CLI's one-line error
+    raise FileNotFoundError(f"{key}: {e}") from None
+
+
 class TrainData:
   def __init__(self, config, pipe, mesh, workdir: pathlib.Path):
     self.config, self.mesh = config, mesh
@@ -92,19 +104,16 @@ class TrainData:
                        f"({processes})")
     self.with_prior = bool(config.with_prior_preservation)
     self.global_batch_size = global_batch_size(config)
-    if self.global_batch_size % mesh.devices.size:
-      raise ValueError(
-          f"the global batch ({self.global_batch_size} examples: train_batch_size={config.train_batch_size}"
-          f"{' x 2 with prior preservation' if self.with_prior else ''}) must be a multiple of the "
-          f"{mesh.devices.size} devices; raise train_batch_size")
+    if self.global_batch_size % mesh.shape["data"]:  # run.make_mesh refuses this first, with the levers
+      raise ValueError(f"{describe_batch(config)} does not divide over mesh_data={mesh.shape['data']}")
     local = config.train_batch_size // processes
     instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
-    self.sets = {"instance": data_lib.load_subject_images(instance_dir, config.resolution, config.instance_prompt,
-                                                          on_bad_image=config.on_bad_image)}
+    self.sets = {"instance": _load_images("instance_data_dir", instance_dir, config.resolution,
+                                          config.instance_prompt, config.on_bad_image)}
     if self.with_prior:
       class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
-      self.sets["class"] = data_lib.load_subject_images(class_dir, config.resolution, config.class_prompt,
-                                                        on_bad_image=config.on_bad_image)
+      self.sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
+                                        config.on_bad_image)
     self.iterators = {
         name: data_lib.SubjectIterator(images, local, seed=config.seed + k, center_crop=config.center_crop,
                                        random_flip=config.random_flip, process_index=index,
@@ -167,7 +176,7 @@ class TrainData:
   def next_batch(self) -> dict:
     micro = [self._local_micro_batch(a) for a in range(self.config.gradient_accumulation_steps)]
     local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
-    sharding = sharding_lib.accumulation_batch_sharding(self.mesh)
+    sharding = sharding_lib.accumulation_batch_sharding(self.mesh, self.global_batch_size)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
   def get_state(self) -> dict:

@@ -210,7 +210,7 @@ def load_image(path) -> np.ndarray:
   """An image file as float32 HWC in [-1, 1] at its own size (lpips.im2tensor: x / 127.5 - 1)."""
   from dreambooth_jax.eval import preprocess  # noqa: PLC0415
 
-  return np.asarray(preprocess.to_rgb(preprocess.open_image(path)), np.float32) / 127.5 - 1.0
+  return np.asarray(preprocess.open_image(path), np.float32) / 127.5 - 1.0
 
 
 def mean_pairwise_distance(model: LPIPS, images, where: str) -> tuple[float, int]:

@@ -2,6 +2,9 @@
 backend: CLIPImageProcessorPil, ViTImageProcessorPil): convert to RGB (alpha over white), PIL resize of the uint8
 image, center crop (zero padding when too small), rescale by 1/255, normalise. Output: float32 NHWC.
 
+Files are decoded by training's decoder (data.images.open_image: EXIF orientation, 16-bit, palette, alpha over
+white, as transformers' convert_to_rgb composites it), so a photo scores as the model was trained on it.
+
 The sizes, filter and statistics come from the model folder's preprocessor_config.json when there is one, read with
 transformers' semantics; otherwise from the defaults below.
 """
@@ -13,6 +16,8 @@ import pathlib
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from dreambooth_jax.data import images as images_lib
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -108,12 +113,8 @@ def output_size(height: int, width: int, size: dict) -> tuple[int, int]:
   return size["height"], size["width"]
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-  """RGB, with any transparency composited over white (as transformers' convert_to_rgb)."""
-  if "A" in image.getbands() or image.info.get("transparency") is not None:
-    rgba = image.convert("RGBA")
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-  return image.convert("RGB")
+# One decoder for training and evaluation. Both composite alpha over white (transformers' convert_to_rgb does too).
+to_rgb = images_lib.to_rgb
 
 
 def center_crop(image_HWC: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -150,11 +151,9 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> np.ndarray:
 
 
 def open_image(path) -> Image.Image:
-  """Reads an image fully (so a truncated file fails here, naming it)."""
+  """Training's decoder (RGB, EXIF-oriented), its errors as one ValueError naming the file."""
   try:
-    with Image.open(path) as image:
-      image.load()
-      return image.copy()
+    return images_lib.open_image(pathlib.Path(path))
   except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
     raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 

@@ -23,6 +23,8 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dreambooth_jax import cli
+
 LIVE_CLASSES = ("cat", "dog")  # the paper's live subjects (pets) use the live-subject prompt list
 PROMPT_LINE = re.compile(r"^'(?P<template>.*)'\.format\(unique_token, class_token\),?$")
 
@@ -192,6 +194,7 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
   return table
 
 
+@cli.main("protocol")
 def main(argv):
   del argv
   f = flags.FLAGS

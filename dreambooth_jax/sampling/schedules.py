@@ -151,11 +151,27 @@ def snr(schedule: NoiseSchedule, t_B):
   return a / (1.0 - a)
 
 
-def min_snr_loss_weight(schedule: NoiseSchedule, t_B, gamma: float):
-  """diffusers' train_dreambooth --snr_gamma: min(snr, gamma) / snr for eps, / (snr + 1) for v."""
+SNR_WEIGHTINGS = ("min_snr", "snr_plus_one")
+
+
+def min_snr_loss_weight(schedule: NoiseSchedule, t_B, gamma: float, weighting: str = "min_snr"):
+  """Min-SNR-gamma loss weight (Hang et al. 2023), per timestep. Epsilon: min(snr, gamma) / snr for both.
+  v-prediction:
+
+    "min_snr"       min(snr, gamma) / (snr + 1): the paper's weight for v (Sec. 4.2), and diffusers'
+                    examples/dreambooth/train_dreambooth.py --snr_gamma (the default here)
+    "snr_plus_one"  min(snr + 1, gamma) / (snr + 1): the older diffusers train_text_to_image.py variant (adds one to
+                    the SNR before clipping; also in scripts derived from it); it differs where snr < gamma <= snr + 1
+                    and for snr + 1 < gamma (weight 1 instead of snr / (snr + 1))
+  """
+  if weighting not in SNR_WEIGHTINGS:
+    raise ValueError(f"snr_weighting={weighting!r} is not one of {list(SNR_WEIGHTINGS)}")
   s = snr(schedule, t_B)
-  clipped = jnp.minimum(s, gamma)
-  return clipped / (s + 1.0) if schedule.prediction_type == "v_prediction" else clipped / s
+  if schedule.prediction_type != "v_prediction":
+    return jnp.minimum(s, gamma) / s
+  if weighting == "snr_plus_one":
+    return jnp.minimum(s + 1.0, gamma) / (s + 1.0)
+  return jnp.minimum(s, gamma) / (s + 1.0)
 
 
 def ddim_timesteps(schedule: NoiseSchedule, num_inference_steps: int) -> np.ndarray:

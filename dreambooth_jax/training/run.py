@@ -100,7 +100,8 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
   settings = step_lib.LossSettings(
       prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
-      snr_gamma=config.snr_gamma, offset_noise=config.offset_noise)
+      snr_gamma=config.snr_gamma, snr_weighting=config.get("snr_weighting", "min_snr"),
+      offset_noise=config.offset_noise)
   step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings)
   batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
@@ -123,7 +124,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
 def dry_run(config, mesh=None) -> CompiledStep:
   """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
   run_state.resolve_defaults(config)
-  mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
+  mesh = mesh or make_mesh(config)
   pipe = plan_lib.abstract_model(config, dtype=run_state.compute_dtype(config),
                                  param_dtype=run_state.param_dtype(config),
                                  unet_kwargs=run_state.denoiser_kwargs(config))
@@ -136,11 +137,17 @@ def dry_run(config, mesh=None) -> CompiledStep:
   return step
 
 
+def make_mesh(config) -> jax.sharding.Mesh:
+  """The config's mesh, fitted to the global batch (sharding.mesh_for_batch); refusals name train_batch_size."""
+  return sharding.mesh_for_batch(config.mesh_data, config.mesh_fsdp, batches.global_batch_size(config),
+                                 batch_name=batches.describe_batch(config))
+
+
 def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   """Model, compiled step (refused if it cannot fit), class images, data, sharded state (restored if a
   checkpoint exists)."""
   in_training_eval.check_config(config)
-  mesh = mesh or sharding.make_mesh(data=config.mesh_data, fsdp=config.mesh_fsdp)
+  mesh = mesh or make_mesh(config)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
   pipe = run_state.load_model(config)
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
@@ -159,9 +166,9 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
 
   mgr = checkpoint.manager(workdir, config.checkpoints_total_limit,
                            best_metric=config.eval_metric if config.get("eval_steps") else None)
-  if mgr.latest_step() is not None:
-    restored, state, side = checkpoint.restore(mgr, None, checkpoint.abstract_like(step.abstract_state,
-                                                                                   step.state_shardings))
+  resumed = checkpoint.restore_latest_good(mgr, checkpoint.abstract_like(step.abstract_state, step.state_shardings))
+  if resumed is not None:
+    restored, state, side = resumed
     data.set_state(side["data"])
     logging.info("resumed from step %d", restored)
   else:

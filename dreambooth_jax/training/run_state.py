@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
+from dreambooth_jax import cli
 from dreambooth_jax.data import batches
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import diffusers_folder, load, lora_files
@@ -60,10 +61,25 @@ def load_model(config) -> Pipeline:
   path = config.pretrained_model_name_or_path
   if config.random_init and path == "tiny":
     path = diffusers_folder.TINY_MODEL
-  return load.load_or_init_pipeline(
-      path, random_init=config.random_init, seed=config.seed, dtype=compute_dtype(config),
-      param_dtype=param_dtype(config), variant=config.variant or None, unet_kwargs=denoiser_kwargs(config),
-      single_file_config=config.get("single_file_config", "auto"))
+  dtype, params_dtype = compute_dtype(config), param_dtype(config)  # refused by their own names first
+  try:
+    pipe = load.load_or_init_pipeline(
+        path, random_init=config.random_init, seed=config.seed, dtype=dtype, param_dtype=params_dtype,
+        variant=config.variant or None, unet_kwargs=denoiser_kwargs(config),
+        single_file_config=config.get("single_file_config", "auto"))
+  except (ValueError, FileNotFoundError) as e:  # which setting to change: the message names the key
+    raise cli.with_context(e, f"pretrained_model_name_or_path={config.pretrained_model_name_or_path!r}") from None
+  check_resolution(config, pipe)
+  return pipe
+
+
+def check_resolution(config, pipe):
+  """The UNet halves the latents once per down block: the resolution must divide by that and the VAE's factor."""
+  family = pipe.family
+  multiple = family.latent_factor(pipe.configs) * 2 ** (len(pipe.denoiser.config.block_out_channels) - 1)
+  if config.resolution <= 0 or config.resolution % multiple:
+    nearest = max(multiple, round(config.resolution / multiple) * multiple)
+    raise ValueError(f"resolution={config.resolution}: this model takes multiples of {multiple} (e.g. {nearest})")
 
 
 def lora_settings(config) -> lora_lib.LoRASettings | None:

@@ -25,7 +25,12 @@ ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-bat
 class LossSettings:
   prior_loss_weight: float = 1.0
   snr_gamma: float = 0.0  # 0 = off; else min-SNR-gamma weighting (Hang et al. 2023)
+  snr_weighting: str = "min_snr"  # the v-prediction formula: schedules.min_snr_loss_weight
   offset_noise: float = 0.0  # 0 = off; else noise += offset_noise * N(0, 1) per (example, channel)
+
+  def __post_init__(self):  # refused at set-up, by name, not at the first traced step
+    if self.snr_weighting not in schedule_lib.SNR_WEIGHTINGS:
+      raise ValueError(f"snr_weighting={self.snr_weighting!r} is not one of {list(schedule_lib.SNR_WEIGHTINGS)}")
 
 
 def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: LossSettings):
@@ -58,7 +63,8 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
   prediction = family.denoise(modules, x_t, t_B, text, image).astype(jnp.float32)
   mse_B = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
   if settings.snr_gamma:
-    mse_B = mse_B * schedule_lib.min_snr_loss_weight(schedule, t_B, settings.snr_gamma)
+    mse_B = mse_B * schedule_lib.min_snr_loss_weight(schedule, t_B, settings.snr_gamma,
+                                                     settings.snr_weighting)
   return mse_B
 
 
