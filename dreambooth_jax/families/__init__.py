@@ -1,16 +1,23 @@
 """Model families. Each module here describes one kind of pipeline (plain constants and functions, no class tree):
 
-  COMPONENTS       {name: Component}: the model class, its config class, weight-file stem and role
-  TOKENIZERS       the tokenizer folders
-  DENOISER, TEXT_ENCODERS
-  tokenize(tokenizers, prompts) -> {ID_KEYS: ids}    the text inputs; ids_spec(pipeline) their shapes
-  encode_text(modules, ids) -> {TEXT_KEYS: array}    the text conditioning (the text-embedding cache stores this);
-                                                     text_spec(pipeline) its per-example shapes
-  image_conditioning_spec(pipeline)                  per-example inputs besides latents and text (SDXL time ids)
-  sampling_image_conditioning(height, width, batch)  their values when sampling
-  denoise(modules, x_BHWC, t_B, text, image)         the denoiser's prediction
-  single-file key maps (is_single_file, from_single_file, to_single_file, single_file_names), bundled configs
-  (BUNDLED_CONFIGS, KNOWN_HUB_CONFIGS: planning offline), default_resolution(configs), latent_factor(configs)
+  NAME, PIPELINE_CLASSES                              its name; model_index.json `_class_name`s it loads
+  COMPONENTS {name: Component}, TOKENIZERS            model and config classes, weight-file stems, roles
+  DENOISER, TEXT_ENCODERS                             which components play which part
+  component_dtype(component, config, dtype)           dtype rules (SDXL: the VAE never computes in fp16)
+  tokenize(tokenizers, prompts) -> {ID_KEYS: ids}     the text inputs; ids_spec(pipeline) their shapes
+  encode_text(modules, ids) -> {TEXT_KEYS: array}     the text conditioning (what the text-embedding cache stores);
+                                                      text_spec(pipeline) its per-example shapes
+  zero_unconditional(configs, negative_prompts)       whether guidance's unconditional text is zeros
+  image_conditioning_keys(), image_conditioning_spec(pipeline)
+                                                      per-example inputs besides latents and text (SDXL time ids),
+  training_image_conditioning(original_size, crop_top_left, resolution), sampling_image_conditioning(h, w, batch)
+                                                      and their values in training and sampling
+  denoise(modules, x_BHWC, t_B, text, image)          the denoiser's prediction
+  is_single_file, single_file_config, from_single_file, to_single_file, single_file_names
+                                                      the original single-file layout
+  kohya_unet_names(configs)                           how kohya's LoRA files name the denoiser's modules
+  BUNDLED_CONFIGS, KNOWN_HUB_CONFIGS                  configs shipped for single files and offline plans
+  default_resolution(configs), latent_factor(configs), MODEL_INDEX_DEFAULTS
 
 The trainer, sampler, memory plan, export and LoRA code ask the family instead of assuming one pipeline shape.
 A family is chosen from model_index.json's `_class_name` (or, for a single file, from its keys).
