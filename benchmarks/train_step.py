@@ -28,7 +28,8 @@ import jax
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd15"),
           "sd21": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd21"),
-          "sdxl": str(ROOT / "dreambooth_jax" / "assets" / "sdxl-configs")}
+          "sdxl": str(ROOT / "dreambooth_jax" / "assets" / "sdxl-configs"),
+          "diffusers-test": str(ROOT / "benchmarks" / "shapes" / "diffusers-test")}
 
 
 TARGETS = {  # name: (applies(args, result), value(result), bound, "min" | "max")
