@@ -44,6 +44,12 @@ class Pipeline:
           return table[name]
     raise AttributeError(f"{type(self).__name__} of family {self.family.NAME!r} has no {name!r}")
 
+  def size_multiple(self, denoiser=None) -> int:
+    """Image sizes must divide by this: the VAE's factor times the UNet's halvings (one per down block but the
+    last). `denoiser` overrides the pipeline's (its config is what counts)."""
+    denoiser = self.denoiser if denoiser is None else denoiser
+    return self.family.latent_factor(self.configs) * 2 ** (len(denoiser.config.block_out_channels) - 1)
+
   def replace(self, **modules) -> "Pipeline":
     """A copy with some modules replaced (e.g. the trained UNet)."""
     return dataclasses.replace(self, modules={**self.modules, **modules})

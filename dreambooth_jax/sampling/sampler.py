@@ -104,7 +104,7 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   if isinstance(negative_prompt, str):
     negative_prompt = [negative_prompt] * batch
   factor = family.latent_factor(pipe.configs)
-  multiple = factor * 2 ** (len(modules[family.DENOISER].config.block_out_channels) - 1)
+  multiple = pipe.size_multiple(modules[family.DENOISER])
   if settings.height % multiple or settings.width % multiple:
     raise ValueError(f"height and width must be multiples of {multiple} for this model, got "
                      f"{settings.height}x{settings.width}")

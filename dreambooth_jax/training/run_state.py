@@ -75,8 +75,7 @@ def load_model(config) -> Pipeline:
 
 def check_resolution(config, pipe):
   """The UNet halves the latents once per down block: the resolution must divide by that and the VAE's factor."""
-  family = pipe.family
-  multiple = family.latent_factor(pipe.configs) * 2 ** (len(pipe.denoiser.config.block_out_channels) - 1)
+  multiple = pipe.size_multiple()
   if config.resolution <= 0 or config.resolution % multiple:
     nearest = max(multiple, round(config.resolution / multiple) * multiple)
     raise ValueError(f"resolution={config.resolution}: this model takes multiples of {multiple} (e.g. {nearest})")
