@@ -15,8 +15,8 @@ CHECK_ERRORS = (ValueError, OSError)
 
 def project_errors() -> tuple:
   """Our error types that do not subclass ValueError (imported late: this module stays import-light)."""
-  from dreambooth_jax.training import checkpoint  # noqa: PLC0415
-  return (checkpoint.CheckpointError,)
+  from dreambooth_jax.training import checkpoint, metrics  # noqa: PLC0415
+  return (checkpoint.CheckpointError, metrics.NonFiniteLoss)
 
 
 def raised_here(error: BaseException) -> bool:

@@ -68,3 +68,12 @@ def test_library_errors_keep_their_traceback():
   with pytest.raises(SystemExit, match="x: error: mixed_precision='fp8'"):
     ours([])
   assert cli.one_line(ValueError("2 bad files:\n  a.jpg\n  b.png")) == "2 bad files:; a.jpg; b.png"
+
+  @cli.main("train")
+  def diverged(argv):
+    del argv
+    from dreambooth_jax.training import metrics
+    raise metrics.NonFiniteLoss("non-finite loss (nan) at step 7; stopping")  # what run.train raises
+
+  with pytest.raises(SystemExit, match=r"^train: error: non-finite loss \(nan\) at step 7; stopping$"):
+    diverged([])

@@ -13,6 +13,11 @@ import numpy as np
 from tqdm import tqdm
 
 
+class NonFiniteLoss(FloatingPointError):
+  """The loss became NaN or infinite: the run stops, naming the step and the last good checkpoint. A user-facing
+  end (the levers are the config's learning rate, max_grad_norm and precision), so the CLI prints one line."""
+
+
 class MetricsWriter:
   def __init__(self, workdir: pathlib.Path, *, total_steps: int, initial_step: int, enabled: bool = True):
     self.enabled = enabled

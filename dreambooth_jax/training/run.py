@@ -208,8 +208,10 @@ def train(config, workdir: pathlib.Path) -> Job:
       values["flops_per_step"] = flops
     values = writer.write(step_done, values)
     if not np.isfinite(values["loss"]):
-      raise FloatingPointError(f"non-finite loss ({values['loss']}) at step {step_done}; stopping. The last good "
-                               f"checkpoint is step {mgr.latest_step()} in {mgr.directory}")
+      raise metrics_lib.NonFiniteLoss(
+          f"non-finite loss ({values['loss']}) at step {step_done}; stopping. The last good checkpoint is step "
+          f"{mgr.latest_step()} in {mgr.directory}; lower learning_rate, set max_grad_norm, or use "
+          "mixed_precision='no', then run the same command again to resume from it")
 
   try:
     for step in range(start, config.max_train_steps):
