@@ -141,3 +141,30 @@ def save_pipeline(spec: dict, path: pathlib.Path, seed: int = 0, **save_kwargs) 
 
 def to_numpy(t) -> np.ndarray:
     return t.detach().cpu().float().numpy()
+
+
+# Sentences the tiny T5 tokenizer is trained on (the real T5 spiece model is not reachable offline).
+T5_TOKENIZER_SENTENCES = (
+    "a photo of sks dog", "a dog on the beach", "a photo of a dog in a bucket", "a red cube on a blue sphere",
+    "an oil painting of a cat", "the quick brown fox jumps over the lazy dog", "a sks dog wearing a hat",
+    "a close-up photo of a corgi with sunglasses", "two puppies playing in the snow at night",
+)
+
+
+def build_t5_tokenizer(model_max_length: int = 512):
+    """A tiny T5 tokenizer (transformers.T5TokenizerFast over a Unigram model trained here with `tokenizers`), with
+    T5's special ids: pad "<pad>" 0, eos "</s>" 1, unk "<unk>" 2; no extra ids. save_pretrained writes it as a
+    folder's tokenizer_2/."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    trained = Tokenizer(models.Unigram())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(T5_TOKENIZER_SENTENCES, trainers.UnigramTrainer(
+        vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    vocab = [tuple(piece) for piece in json.loads(trained.to_str())["model"]["vocab"]]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    return tokenizer
