@@ -41,6 +41,9 @@ class Layers:
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
                          param_dtype=self.param_dtype, rngs=self.rngs)
 
+  def rms_norm(self, dim: int, eps: float) -> nnx.RMSNorm:
+    return nnx.RMSNorm(dim, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
   def embed(self, count: int, dim: int) -> nnx.Embed:
     return nnx.Embed(count, dim, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
