@@ -168,3 +168,12 @@ def build_t5_tokenizer(model_max_length: int = 512):
     tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
     assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
     return tokenizer
+
+
+# Flux.1's VAE shape in miniature: 16 latent channels, no quant convs, a shift factor (FLUX.1-dev's values).
+TINY_FLUX_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+    shift_factor=0.1159, scaling_factor=0.3611,
+)

@@ -76,8 +76,8 @@ def relative_position_buckets(query_length: int, key_length: int, num_buckets: i
   max_exact = num_buckets // 2
   with np.errstate(divide="ignore"):  # log(0) for the exact buckets, not used there
     # float32 as torch computes it, then truncation toward zero (torch's .to(long))
-    large = max_exact + (np.log(distance.astype(np.float32) / max_exact) / np.float32(math.log(max_distance / max_exact))
-                         * (num_buckets - max_exact)).astype(np.float32)
+    log_ratio = np.log(distance.astype(np.float32) / max_exact) / np.float32(math.log(max_distance / max_exact))
+    large = max_exact + (log_ratio * (num_buckets - max_exact)).astype(np.float32)
   large = np.minimum(np.where(distance < max_exact, 0, large).astype(np.int64), num_buckets - 1)
   return (buckets + np.where(distance < max_exact, distance, large)).astype(np.int32)
 
