@@ -19,7 +19,7 @@ from dreambooth_jax.models import flux
 from dreambooth_jax.models.flux import FluxConfig, FluxTransformer2DModel
 
 # Tiny Flux: 2 double + 2 single blocks, 2 heads of 16 (rope axes 4 + 6 + 6), 16-channel latents packed to 64.
-TINY_FLUX = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+TINY_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
                  num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6))
 
 
@@ -37,8 +37,8 @@ def inputs(seed: int, latent_hw=(8, 6), text=5, batch=2):
   rng = np.random.default_rng(seed)
   h, w = latent_hw
   x_BSC = rng.standard_normal((batch, (h // 2) * (w // 2), 64)).astype(np.float32)
-  ctx = rng.standard_normal((batch, text, TINY_FLUX["joint_attention_dim"])).astype(np.float32)
-  pooled = rng.standard_normal((batch, TINY_FLUX["pooled_projection_dim"])).astype(np.float32)
+  ctx = rng.standard_normal((batch, text, TINY_TRANSFORMER["joint_attention_dim"])).astype(np.float32)
+  pooled = rng.standard_normal((batch, TINY_TRANSFORMER["pooled_projection_dim"])).astype(np.float32)
   t = np.array([0.25, 0.9], np.float32)[:batch]
   return x_BSC, ctx, pooled, t, flux.image_ids(h, w), flux.text_ids(text)
 
@@ -53,7 +53,7 @@ def torch_forward(ref, x, ctx, pooled, t, img_ids, txt_ids, guidance=None):
 
 @pytest.mark.parametrize("guidance_embeds", [True, False], ids=["dev", "schnell"])
 def test_transformer_matches_diffusers(guidance_embeds):
-  ref, ours = build_pair(dict(TINY_FLUX, guidance_embeds=guidance_embeds))
+  ref, ours = build_pair(dict(TINY_TRANSFORMER, guidance_embeds=guidance_embeds))
   x, ctx, pooled, t, img_ids, txt_ids = inputs(0)
   guidance = np.array([3.5, 1.0], np.float32) if guidance_embeds else None
   expected = torch_forward(ref, x, ctx, pooled, t, img_ids, txt_ids, guidance)
@@ -64,7 +64,7 @@ def test_transformer_matches_diffusers(guidance_embeds):
 
 
 def test_remat_gives_the_same_prediction():
-  spec = dict(TINY_FLUX, guidance_embeds=False, num_layers=1, num_single_layers=1)
+  spec = dict(TINY_TRANSFORMER, guidance_embeds=False, num_layers=1, num_single_layers=1)
   (_, ours), (_, rematted) = build_pair(spec), build_pair(spec, remat="full")
   x, ctx, pooled, t, img_ids, txt_ids = inputs(1, batch=1)
   loss = lambda m: (m(x, ctx, pooled, t, img_ids, txt_ids) ** 2).mean()
@@ -74,7 +74,7 @@ def test_remat_gives_the_same_prediction():
 
 def test_config_rejects_rope_axes_not_summing_to_head_dim():
   with pytest.raises(ValueError, match="axes_dims_rope"):
-    FluxConfig.from_dict(dict(TINY_FLUX, axes_dims_rope=[4, 4, 4]))
+    FluxConfig.from_dict(dict(TINY_TRANSFORMER, axes_dims_rope=[4, 4, 4]))
 
 
 def test_packing_and_ids_match_flux_pipeline():

@@ -10,19 +10,12 @@ import pytest
 import torch
 from flax import nnx
 
-from reference_models import build_t5_tokenizer, to_numpy
+from reference_models import TINY_T5, build_t5_tokenizer, to_numpy
 from test_models import assert_close
 from test_models_sdxl import perturb
 from dreambooth_jax.io import diffusers_folder as weights
 from dreambooth_jax.io import safetensors as safetensors_io
 from dreambooth_jax.models.t5 import T5Config, T5EncoderModel, relative_position_buckets, t5_encoder_keys
-
-# T5 v1.1-shaped (gated-gelu, untied head irrelevant for the encoder), few buckets and a short max distance so that a
-# 40-token sequence reaches the log-spaced and the clipped buckets.
-TINY_T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
-               relative_attention_num_buckets=8, relative_attention_max_distance=16,
-               feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0)
-
 
 @pytest.fixture(scope="module")
 def t5_pair(tmp_path_factory):
