@@ -95,3 +95,20 @@ def test_full_width_flux_blocks_match_diffusers():
   want = torch_forward(ref, x, ctx, pooled, t, img_ids, txt_ids, guidance)
   del ref
   close(ours(x, ctx, pooled, t, img_ids, txt_ids, guidance), want)
+
+
+def test_t5_xxl_has_transformers_parameter_shapes():
+  """FLUX.1's text_encoder_2 (T5 v1.1 XXL, 4.76B) built abstractly: transformers' parameter names and shapes
+  (torch's built on the meta device; the tied encoder.embed_tokens is shared.weight, see t5_encoder_keys)."""
+  from flax import nnx
+  from transformers import T5Config as TorchConfig, T5EncoderModel as TorchT5
+  from dreambooth_jax.models.t5 import T5Config, T5EncoderModel
+  xxl = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+             feed_forward_proj="gated-gelu", model_type="t5")
+  with torch.device("meta"):
+    ref = TorchT5(TorchConfig(**xxl))
+  want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
+  ours = nnx.eval_shape(lambda: T5EncoderModel(T5Config.from_dict(xxl), rngs=nnx.Rngs(0)))
+  got = {weights.torch_key(path): tuple(v.get_value().shape[::-1] if path[-1] == "kernel" else v.get_value().shape)
+         for path, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+  assert got == want

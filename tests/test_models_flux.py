@@ -6,6 +6,7 @@ Tolerance as tests/test_models.py: fp32, max |ours - torch| <= 1e-4 * max(1, max
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -91,3 +92,44 @@ def test_packing_and_ids_match_flux_pipeline():
   np.testing.assert_array_equal(flux.image_ids(6, 10), to_numpy(ids))
   with pytest.raises(ValueError, match="even"):
     flux.pack_latents(np.zeros((1, 5, 6, 16), np.float32))
+
+
+# FLUX.1-dev's transformer/config.json (black-forest-labs/FLUX.1-dev).
+FLUX_1_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                  axes_dims_rope=(16, 56, 56))
+
+
+@pytest.mark.slow  # ~20 s: building 57 blocks abstractly on both sides
+def test_full_flux_dev_has_diffusers_parameter_shapes():
+  """The 12B model built abstractly (nothing allocated) has exactly diffusers' parameter names and shapes (torch's
+  built on the meta device)."""
+  from diffusers import FluxTransformer2DModel as TorchFlux
+  with torch.device("meta"):
+    ref = TorchFlux(**FLUX_1_DEV)
+  want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+  config = FluxConfig.from_dict(FLUX_1_DEV)
+  ours = nnx.eval_shape(lambda: FluxTransformer2DModel(config, rngs=nnx.Rngs(0)))
+  flat = nnx.to_flat_state(nnx.state(ours, nnx.Param))
+  got = {weights.torch_key(path): tuple(var.get_value().shape[::-1] if path[-1] == "kernel" else var.get_value().shape)
+         for path, var in flat}
+  assert got == want
+  assert sum(np.prod(s) for s in got.values()) == 11_901_408_320
+
+
+def test_bf16_matches_diffusers_in_bf16():
+  """bf16 weights and compute on both sides. (Against our own fp32 run bf16 is far off by design: diffusers casts
+  the timestep to the compute dtype before the x1000, so bf16 sees t = 0.9 as 898.4 and its sinusoid moves.)"""
+  ref, ours = build_pair(dict(TINY_TRANSFORMER, guidance_embeds=True))
+  ref = ref.to(torch.bfloat16)
+  bf16 = weights.load_module(lambda: FluxTransformer2DModel(ours.config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16),
+                             weights.module_state_dict(ours), where="transformer", param_dtype=jnp.bfloat16)
+  x, ctx, pooled, t, img_ids, txt_ids = inputs(3)
+  guidance = np.array([3.5, 3.5], np.float32)
+  bf = lambda a: torch.from_numpy(a).to(torch.bfloat16)
+  with torch.no_grad():
+    want = ref(hidden_states=bf(x), encoder_hidden_states=bf(ctx), pooled_projections=bf(pooled), timestep=bf(t),
+               img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids), guidance=bf(guidance)).sample
+  out = nnx.jit(lambda m: m(x, ctx, pooled, t, img_ids, txt_ids, guidance))(bf16)
+  assert out.dtype == jnp.bfloat16
+  assert_close(np.asarray(out, np.float32), want.float().numpy(), tol=0.02)  # bf16 rounding: 0.8% seen
