@@ -53,15 +53,16 @@ class T5Config:
 
 
 class T5LayerNorm(nnx.Module):
-  """x / rms(x) * weight: no mean subtraction, no bias; the mean of squares in fp32 (as transformers)."""
+  """x / rms(x) * weight: no mean subtraction, no bias; the mean of squares in fp32 (as transformers). The weight is
+  `scale`, as every norm's here (the converter names it `weight`)."""
 
   def __init__(self, dim: int, eps: float, layers: Layers):
-    self.weight = nnx.Param(jnp.ones((dim,), layers.param_dtype))
+    self.scale = nnx.Param(jnp.ones((dim,), layers.param_dtype))
     self.eps, self.dtype = eps, layers.dtype
 
   def __call__(self, x_BTD):
     variance = jnp.mean(jnp.square(x_BTD.astype(jnp.float32)), axis=-1, keepdims=True)
-    return (self.weight.get_value().astype(self.dtype) * (x_BTD * jax.lax.rsqrt(variance + self.eps))
+    return (self.scale.get_value().astype(self.dtype) * (x_BTD * jax.lax.rsqrt(variance + self.eps))
             .astype(self.dtype))
 
 
