@@ -108,3 +108,9 @@ def test_sample_density_is_seeded_and_in_range():
   with pytest.raises(ValueError, match="weighting_scheme"):
     fm.loss_weighting("sqrt", jnp.ones(2))
   assert math.isclose(float(fm.loss_weighting("cosmap", jnp.asarray(0.5))), 4 / math.pi, rel_tol=1e-6)
+
+
+def test_noise_schedule_reader_refuses_a_flow_matching_config():
+  from dreambooth_jax.sampling import schedules
+  with pytest.raises(ValueError, match="flow-matching"):
+    schedules.schedule_from_config(dict(DEV, _class_name="FlowMatchEulerDiscreteScheduler"))

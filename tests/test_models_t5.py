@@ -14,7 +14,7 @@ from reference_models import TINY_T5, build_t5_tokenizer, to_numpy
 from test_models import assert_close
 from test_models_sdxl import perturb
 from dreambooth_jax.io import diffusers_folder as weights
-from dreambooth_jax.io import safetensors as safetensors_io
+from dreambooth_jax.io import safetensors as safetensors_io, tokenizers
 from dreambooth_jax.models.t5 import T5Config, T5EncoderModel, relative_position_buckets, t5_encoder_keys
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_trained_t5_tokenizer_feeds_both_encoders(t5_pair, tmp_path):
   ref, ours = t5_pair
   from transformers import T5TokenizerFast
   build_t5_tokenizer().save_pretrained(tmp_path / "tokenizer_2")
-  tokenizer = T5TokenizerFast.from_pretrained(tmp_path / "tokenizer_2")
+  tokenizer = tokenizers.load_tokenizer(tmp_path / "tokenizer_2")  # tokenizer_class T5Tokenizer -> T5TokenizerFast
+  assert isinstance(tokenizer, T5TokenizerFast) and tokenizer.model_max_length == 512
   ids_BT = tokenizer(["a photo of sks dog", "a zebra"], padding="max_length", max_length=32, truncation=True,
                      return_tensors="np").input_ids
   for row in ids_BT:  # words, one eos, then padding
@@ -76,3 +77,18 @@ def test_tied_embedding_keys():
   assert set(t5_encoder_keys({"shared.weight": shared, "encoder.embed_tokens.weight": shared})) == {"shared.weight"}
   with pytest.raises(ValueError, match="embed_tokens"):
     t5_encoder_keys({"shared.weight": shared, "encoder.embed_tokens.weight": 2 * shared})
+
+
+def test_tokenizer_folders_are_read_by_their_class(tmp_path):
+  import json
+  import shutil
+  folder = tmp_path / "tokenizer_2"
+  build_t5_tokenizer().save_pretrained(folder)
+  (folder / "tokenizer.json").unlink()
+  with pytest.raises(FileNotFoundError, match="tokenizer.json"):  # not the bundled CLIP BPE in its place
+    tokenizers.load_tokenizer(folder)
+  shutil.rmtree(folder)
+  folder.mkdir()
+  (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+  with pytest.raises(ValueError, match="LlamaTokenizer"):
+    tokenizers.load_tokenizer(folder)
