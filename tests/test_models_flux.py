@@ -115,6 +115,14 @@ def test_full_flux_dev_has_diffusers_parameter_shapes():
          for path, var in flat}
   assert got == want
   assert sum(np.prod(s) for s in got.values()) == 11_901_408_320
+  # FSDP over 8 devices (sharding.py's rules by parameter kind): bf16 weights come to 1/8 of 23.8 GB per device,
+  # up to the few replicated vectors (norm scales, biases)
+  from types import SimpleNamespace
+  from dreambooth_jax import sharding
+  mesh = SimpleNamespace(shape={"data": 1, "fsdp": 8})  # spec_for reads only the axis sizes
+  per_device = sum(np.prod(var.get_value().shape) * 2 // (8 if any(sharding.spec_for(path, var.get_value().shape, mesh))
+                                                          else 1) for path, var in flat)
+  assert per_device < 1.01 * 2 * 11_901_408_320 / 8
 
 
 def test_bf16_matches_diffusers_in_bf16():
