@@ -141,3 +141,89 @@ def save_pipeline(spec: dict, path: pathlib.Path, seed: int = 0, **save_kwargs) 
 
 def to_numpy(t) -> np.ndarray:
     return t.detach().cpu().float().numpy()
+
+
+# Sentences the tiny T5 tokenizer is trained on (the real T5 spiece model is not reachable offline).
+T5_TOKENIZER_SENTENCES = (
+    "a photo of sks dog", "a dog on the beach", "a photo of a dog in a bucket", "a red cube on a blue sphere",
+    "an oil painting of a cat", "the quick brown fox jumps over the lazy dog", "a sks dog wearing a hat",
+    "a close-up photo of a corgi with sunglasses", "two puppies playing in the snow at night",
+)
+
+
+def build_t5_tokenizer(model_max_length: int = 512):
+    """A tiny T5 tokenizer (transformers.T5TokenizerFast over a Unigram model trained here with `tokenizers`), with
+    T5's special ids: pad "<pad>" 0, eos "</s>" 1, unk "<unk>" 2; no extra ids. save_pretrained writes it as a
+    folder's tokenizer_2/."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    trained = Tokenizer(models.Unigram())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace()
+    trained.train_from_iterator(T5_TOKENIZER_SENTENCES, trainers.UnigramTrainer(
+        vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    vocab = [tuple(piece) for piece in json.loads(trained.to_str())["model"]["vocab"]]
+    tokenizer = T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (0, 1, 2)
+    return tokenizer
+
+
+# T5 v1.1-shaped (gated-gelu) tiny encoder; few buckets and a short max distance so that a 40-token sequence reaches
+# the log-spaced and the clipped relative-position buckets.
+TINY_T5 = dict(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=3, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=16,
+               feed_forward_proj="gated-gelu", dropout_rate=0.0, decoder_start_token_id=0)
+
+# Flux.1's VAE shape in miniature: 16 latent channels, no quant convs, a shift factor (FLUX.1-dev's values).
+TINY_FLUX_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 64),
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"), up_block_types=("UpDecoderBlock2D",) * 2,
+    layers_per_block=1, norm_num_groups=8, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+    shift_factor=0.1159, scaling_factor=0.3611,
+)
+
+# A tiny FLUX.1-dev-shaped pipeline: guidance-distilled transformer (2 double + 2 single blocks, 2 heads of 16, rope
+# axes 4/6/6) over the 16-channel VAE's packed latents (64 = 16 x 2 x 2), T5 context (its d_model) and the CLIP
+# pooled output (its hidden size); the dev scheduler config (resolution-dependent shift).
+TINY_FLUX = dict(
+    transformer=dict(patch_size=1, in_channels=4 * TINY_FLUX_VAE["latent_channels"], num_layers=2,
+                     num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                     joint_attention_dim=TINY_T5["d_model"],
+                     pooled_projection_dim=TINY_SD1["text_encoder"]["hidden_size"], guidance_embeds=True,
+                     axes_dims_rope=(4, 6, 6)),
+    vae=TINY_FLUX_VAE,
+    text_encoder=TINY_SD1["text_encoder"],
+    text_encoder_2=TINY_T5,
+    scheduler=dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                   base_image_seq_len=256, max_image_seq_len=4096),
+)
+
+
+def build_flux_pipeline(spec: dict = TINY_FLUX, seed: int = 0):
+    """A diffusers FluxPipeline with random weights (perturbed norms and biases), the trained tiny T5 tokenizer and
+    the CLIP tokenizer. Its VAE has two levels, so FluxPipeline's vae_scale_factor is 2 (pixels = 2 x latents)."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**spec["transformer"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+    text_encoder_2 = T5EncoderModel(T5Config(**spec["text_encoder_2"]))
+    tokenizer = CLIPTokenizer(str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=77)
+    tokenizer_2 = build_t5_tokenizer()
+    assert len(tokenizer_2) <= spec["text_encoder_2"]["vocab_size"]
+    _perturb(seed, transformer, vae, text_encoder, text_encoder_2)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**spec["scheduler"]), vae=vae,
+                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_flux_pipeline(path: pathlib.Path, spec: dict = TINY_FLUX, seed: int = 0, **save_kwargs) -> pathlib.Path:
+    build_flux_pipeline(spec, seed).save_pretrained(str(path), **save_kwargs)
+    return path

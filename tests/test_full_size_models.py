@@ -4,6 +4,8 @@ with random weights, at a small spatial size. Not in the default suite (minutes,
 
   python -m pytest -m slow tests/test_full_size_models.py
 
+Also the Flux transformer at full width (one block of each kind).
+
 Tolerance: fp32, max |ours - reference| <= 1e-4 * max(1, max |reference|).
 """
 
@@ -73,3 +75,40 @@ def test_full_size_components_match_the_references(name, tmp_path):
   mean, _ = ours.encode(pixels)
   close(mean, want_mean)
   close(ours.decode(jnp.asarray(want_mean)), want_decoded)
+
+
+def test_full_width_flux_blocks_match_diffusers():
+  """FLUX.1-dev's width (24 heads of 128 = 3072, rope axes 16/56/56, T5-XXL context 4096, CLIP-L pooled 768,
+  guidance embedding) with one double- and one single-stream block (~0.5B parameters), 16 image + 8 text tokens."""
+  from test_models_flux import build_pair, torch_forward
+  from dreambooth_jax.models import flux
+  spec = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=128,
+              num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+              axes_dims_rope=(16, 56, 56))
+  ref, ours = build_pair(spec)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((1, 16, 64)).astype(np.float32)
+  ctx = rng.standard_normal((1, 8, 4096)).astype(np.float32)
+  pooled = rng.standard_normal((1, 768)).astype(np.float32)
+  t, guidance = np.array([0.7], np.float32), np.array([3.5], np.float32)
+  img_ids, txt_ids = flux.image_ids(8, 8), flux.text_ids(8)
+  want = torch_forward(ref, x, ctx, pooled, t, img_ids, txt_ids, guidance)
+  del ref
+  close(ours(x, ctx, pooled, t, img_ids, txt_ids, guidance), want)
+
+
+def test_t5_xxl_has_transformers_parameter_shapes():
+  """FLUX.1's text_encoder_2 (T5 v1.1 XXL, 4.76B) built abstractly: transformers' parameter names and shapes
+  (torch's built on the meta device; the tied encoder.embed_tokens is shared.weight, see t5_encoder_keys)."""
+  from flax import nnx
+  from transformers import T5Config as TorchConfig, T5EncoderModel as TorchT5
+  from dreambooth_jax.models.t5 import T5Config, T5EncoderModel
+  xxl = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+             feed_forward_proj="gated-gelu", model_type="t5")
+  with torch.device("meta"):
+    ref = TorchT5(TorchConfig(**xxl))
+  want = {k: tuple(v.shape) for k, v in ref.state_dict().items() if k != "encoder.embed_tokens.weight"}
+  ours = nnx.eval_shape(lambda: T5EncoderModel(T5Config.from_dict(xxl), rngs=nnx.Rngs(0)))
+  got = {weights.torch_key(path): tuple(v.get_value().shape[::-1] if path[-1] == "kernel" else v.get_value().shape)
+         for path, v in nnx.to_flat_state(nnx.state(ours, nnx.Param))}
+  assert got == want

@@ -1,4 +1,5 @@
-"""The CLIP BPE tokenizer (transformers' CLIPTokenizer, the one piece of transformers used at run time)."""
+"""Tokenizers (transformers' CLIPTokenizer, and T5TokenizerFast for T5 encoders: the one piece of transformers used at
+run time)."""
 
 import json
 import pathlib
@@ -9,6 +10,8 @@ BUNDLED_TOKENIZER = pathlib.Path(__file__).resolve().parents[1] / "assets" / "cl
 
 
 SETTINGS = ("pad_token", "bos_token", "eos_token", "unk_token")
+CLIP_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+T5_CLASSES = ("T5Tokenizer", "T5TokenizerFast")  # Flux's tokenizer_2; loaded as T5TokenizerFast (tokenizer.json)
 
 
 def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77, settings_file=None):
@@ -20,6 +23,13 @@ def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77, settings_file
   from transformers import CLIPTokenizer  # noqa: PLC0415 (slow import, only where needed)
 
   folder = pathlib.Path(folder)
+  tokenizer_class = tokenizer_class_of(folder)
+  if tokenizer_class in T5_CLASSES:
+    if not (folder / "tokenizer.json").is_file():
+      raise FileNotFoundError(f"{folder}: a {tokenizer_class} folder without tokenizer.json (nothing is bundled for "
+                              "T5: copy the model's tokenizer_2/ folder, tokenizer.json included)")
+    from transformers import T5TokenizerFast  # noqa: PLC0415
+    return T5TokenizerFast.from_pretrained(str(folder))
   has_vocab = (folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()
   if not has_vocab:
     settings_file = settings_file or folder / "tokenizer_config.json"
@@ -30,6 +40,18 @@ def load_tokenizer(folder=BUNDLED_TOKENIZER, max_length: int = 77, settings_file
   if (folder / "vocab.json").is_file() and not (folder / "tokenizer_config.json").is_file():
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
   return CLIPTokenizer.from_pretrained(str(folder))
+
+
+def tokenizer_class_of(folder: pathlib.Path) -> str:
+  """The folder's tokenizer_config.json `tokenizer_class` (CLIPTokenizer when absent, as in old SD folders); a class
+  that is neither CLIP nor T5 is an error naming the file, never a CLIP tokenizer reading someone else's vocabulary."""
+  config_file = folder / "tokenizer_config.json"
+  name = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+  name = name or "CLIPTokenizer"
+  if name not in CLIP_CLASSES + T5_CLASSES:
+    raise ValueError(f"{config_file}: tokenizer_class {name!r} is not supported (supported: "
+                     f"{list(CLIP_CLASSES + T5_CLASSES)})")
+  return name
 
 
 def load_config_tokenizer(folder: pathlib.Path, name: str = "tokenizer"):

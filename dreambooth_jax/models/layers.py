@@ -41,6 +41,9 @@ class Layers:
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=self.dtype,
                          param_dtype=self.param_dtype, rngs=self.rngs)
 
+  def rms_norm(self, dim: int, eps: float) -> nnx.RMSNorm:
+    return nnx.RMSNorm(dim, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
   def embed(self, count: int, dim: int) -> nnx.Embed:
     return nnx.Embed(count, dim, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
 
@@ -72,9 +75,11 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "chunked")
 QUERY_CHUNK = 1024  # "chunked": 1024 queries x 4096 keys (512 px) per score block
 
 
-def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, implementation: str | None = "auto"):
+def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, implementation: str | None = "auto",
+              bias=None, scale: float | None = None):
   """Scaled dot-product attention; logits and softmax in fp32 whatever the inputs (= diffusers'
-  upcast_attention/upcast_softmax).
+  upcast_attention/upcast_softmax). bias: added to the logits (T5's relative position bias, (1|B, N, T, S));
+  scale: the logit scale (None = 1/sqrt(head_dim); T5 uses 1).
 
   implementation: "xla" (the plain einsum-softmax-einsum), "cudnn" (cuDNN flash attention: GPU, fp16/bf16),
   "chunked" (exact attention over query chunks, each rematerialised on the backward pass, so no T x S score
@@ -82,17 +87,18 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, imp
   when the inputs qualify, else XLA. (jax.nn.dot_product_attention's own default is XLA on every backend.)
   """
   implementation = check_attention(implementation)
-  if implementation == "chunked" and mask is None and not is_causal and q_BTNH.shape[1] > QUERY_CHUNK:
+  if (implementation == "chunked" and mask is None and bias is None and scale is None and not is_causal
+      and q_BTNH.shape[1] > QUERY_CHUNK):
     return chunked_attention(q_BTNH, k_BSNH, v_BSNH, QUERY_CHUNK)
+  extra = dict(mask=mask, is_causal=is_causal, bias=bias, scale=scale)
   if implementation == "auto":
     if jax.default_backend() == "gpu" and q_BTNH.dtype in (jnp.bfloat16, jnp.float16):
       try:
-        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
-                                            implementation="cudnn")
+        return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, implementation="cudnn", **extra)
       except (ValueError, NotImplementedError, RuntimeError):
         pass  # shape, head size or cuDNN version the flash kernel does not take: XLA below
     implementation = "xla"
-  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask, is_causal=is_causal,
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, **extra,
                                       implementation=None if implementation in ("xla", "chunked") else implementation)
 
 

@@ -166,12 +166,3 @@ class AutoencoderKL(nnx.Module):
       z_BHWC = self.post_quant_conv(z_BHWC)
     return self.decoder(z_BHWC)
 
-
-def sample_latents(mean, std, rng, config: VAEConfig):
-  """A scaled latent sample, the UNet's input space: (mean + std * eps - shift) * scaling_factor."""
-  z = mean + std * jax.random.normal(rng, mean.shape, mean.dtype)
-  return (z - config.shift_factor) * config.scaling_factor
-
-
-def unscale_latents(z_BHWC, config: VAEConfig):
-  return z_BHWC / config.scaling_factor + config.shift_factor

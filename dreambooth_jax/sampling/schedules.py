@@ -62,6 +62,9 @@ def betas_from_config(config: dict) -> np.ndarray:
 
 
 def schedule_from_config(config: dict) -> NoiseSchedule:
+  if str(config.get("_class_name", "")).startswith("FlowMatch"):  # no betas: DDPM defaults would be silently wrong
+    raise ValueError(f"scheduler: {config['_class_name']} is a flow-matching schedule (Flux), not a noise schedule "
+                     "with betas; read it with sampling/flow_matching.FlowMatchConfig")
   for key, allowed in (("prediction_type", PREDICTION_TYPES), ("timestep_spacing", SPACINGS)):
     default = {"prediction_type": "epsilon", "timestep_spacing": "leading"}[key]
     if config.get(key, default) not in allowed:
