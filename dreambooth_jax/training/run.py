@@ -13,7 +13,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from dreambooth_jax import distributed, sharding
+from dreambooth_jax import config_files, distributed, sharding
 from dreambooth_jax.data import batches, class_images
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import export
@@ -25,8 +25,8 @@ from dreambooth_jax.training import (checkpoint, in_training_eval, metrics as me
 def write_config(config, workdir: pathlib.Path):
   saved = workdir / "config.json"
   resolved = json.loads(config.to_json_best_effort())
-  if saved.is_file():
-    previous = json.loads(saved.read_text())
+  if saved.is_file():  # settings added since it was written compare as their defaults
+    previous = json.loads(run_state.with_defaults(json.loads(saved.read_text()), saved).to_json_best_effort())
     changed = {k: (previous.get(k), v) for k, v in resolved.items() if previous.get(k) != v}
     if changed:
       logging.warning("config differs from the one this workdir was started with: %s", changed)
@@ -123,6 +123,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
 
 def dry_run(config, mesh=None) -> CompiledStep:
   """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
+  config_files.check_known(config)
   run_state.resolve_defaults(config)
   mesh = mesh or make_mesh(config)
   pipe = plan_lib.abstract_model(config, dtype=run_state.compute_dtype(config),
@@ -181,6 +182,7 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
 
 def train(config, workdir: pathlib.Path) -> Job:
   """Runs (or resumes) the job; returns it with its final (device) state."""
+  config_files.check_known(config)  # before any work
   distributed.initialize()
   workdir.mkdir(parents=True, exist_ok=True)
   run_state.resolve_defaults(config)

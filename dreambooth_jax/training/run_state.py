@@ -14,7 +14,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from dreambooth_jax import cli
+from dreambooth_jax import cli, config_files
 from dreambooth_jax.data import batches
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import diffusers_folder, load, lora_files
@@ -145,10 +145,24 @@ def trained_view(pipe: Pipeline, graphdefs, params, frozen) -> Pipeline:
 
 
 def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The run's saved config over the defaults: a setting added since the run was written takes its default (new
+  settings default to the behaviour before them); a setting this version does not know (the run was written by
+  another version, or the file was edited) is refused by name, since its effect on the run cannot be known."""
   config_path = workdir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path}: missing; is {workdir} a training run folder?")
-  return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  return with_defaults(json.loads(config_path.read_text()), config_path)
+
+
+def with_defaults(saved: dict, source) -> ml_collections.ConfigDict:
+  unknown = config_files.unknown_keys(saved)
+  if unknown:
+    raise ValueError(f"{source}: setting(s) this version of dreambooth_jax does not know: "
+                     f"{config_files.describe_unknown(unknown)}; the run was written by another version (use that "
+                     "one, or rename or remove them in the file if they do not change the run)")
+  config = config_files.defaults()
+  config.update(saved)
+  return config
 
 
 def load_run(workdir: pathlib.Path, step: int | None):
