@@ -49,6 +49,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.adam_weight_decay = 1e-2
   c.adam_epsilon = 1e-8
   c.optimizer_moments_bf16 = False
+  # Exponential moving average of the trained weights (float32, checkpointed), used instead of them for validation,
+  # evaluation and export: ema = d * ema + (1 - d) * params after each update.
+  c.use_ema = False
+  c.ema_decay = 0.9999  # d; 0 = the raw weights, 1 = the initial ones
+  c.ema_update_after_step = 0  # the first N updates copy the weights (d = 0); with ema_ramp one more, as diffusers
+  c.ema_ramp = True  # d = min(ema_decay, (1 + n) / (10 + n)) after n averages (diffusers' EMAModel); else ema_decay
   c.train_text_encoder = False
   # master params (and so gradients and Adam moments): "float32" | "bfloat16" (updated with stochastic rounding,
   # since lr-sized updates are far below bf16's resolution and would be lost to round-to-nearest)

@@ -95,14 +95,14 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   """Shards by the logical rules, compiles the step ahead of time (state donated) and plans its memory. Works on
   concrete or abstract (ShapeDtypeStruct) params alike."""
   tx, lr_schedules = optim.make_optimizer(config, tuple(params), denoiser=pipe.family.DENOISER)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx, config.use_ema), params)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
   settings = step_lib.LossSettings(
       prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
       snr_gamma=config.snr_gamma, snr_weighting=config.get("snr_weighting", "min_snr"),
       offset_noise=config.offset_noise)
-  step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings)
+  step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings, step_lib.ema_settings(config))
   batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
   frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
@@ -173,7 +173,8 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
     data.set_state(side["data"])
     logging.info("resumed from step %d", restored)
   else:
-    state = jax.jit(lambda p: step_lib.init_train_state(p, step.tx), out_shardings=step.state_shardings)(params)
+    state = jax.jit(lambda p: step_lib.init_train_state(p, step.tx, config.use_ema),
+                    out_shardings=step.state_shardings)(params)
   del params
   pipe.modules[pipe.family.DENOISER] = None  # the trained copy lives in `state` (and, for LoRA, its base in `frozen`); free the original
   return Job(pipe=pipe, mesh=mesh, data=data, graphdefs=graphdefs, state=state, state_shardings=step.state_shardings,
@@ -232,12 +233,14 @@ def train(config, workdir: pathlib.Path) -> Job:
         pending = None
         eval_metrics = None
         if evaluate_now:  # the evaluated step is checkpointed with its metrics (Orbax keeps the best)
-          eval_metrics = evaluator(run_state.trained_view(pipe, graphdefs, state["params"], job.frozen), done, mesh)
+          eval_metrics = evaluator(run_state.trained_view(pipe, graphdefs, run_state.used_params(state), job.frozen),
+                                   done, mesh)
           for name, value in eval_metrics.items():
             writer.scalar(f"eval/{name}", value, done)
         checkpoint.save(mgr, done, state, {"data": data_state, "step": done}, metrics=eval_metrics)
       if config.validation_steps and config.validation_prompt and done % config.validation_steps == 0:
-        grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, state["params"], job.frozen, config, mesh))
+        grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, run_state.used_params(state), job.frozen,
+                                                        config, mesh))
         if primary:
           (workdir / "validation").mkdir(exist_ok=True)
           from PIL import Image  # noqa: PLC0415
@@ -256,7 +259,7 @@ def train(config, workdir: pathlib.Path) -> Job:
     checkpoint.save(mgr, config.max_train_steps, state, {"data": data.get_state(), "step": config.max_train_steps})
   if config.export_at_end:
     # Collectives on multi-host: every process gathers, process 0 writes.
-    params = sharding.to_host(state["params"])
+    params = sharding.to_host(run_state.used_params(state))
     bases = sharding.to_host({k: v for k, v in job.frozen.items() if k.endswith("_base")})
     if primary:
       view = run_state.trained_view(pipe, graphdefs, params, bases)

@@ -11,6 +11,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 from flax import nnx
 
@@ -144,6 +145,12 @@ def trained_view(pipe: Pipeline, graphdefs, params, frozen) -> Pipeline:
   return pipe.replace(**step_lib.merge_modules({n: graphdefs[n] for n in params}, params, frozen))
 
 
+def used_params(state: dict) -> dict:
+  """The weights a run samples, evaluates and exports: their moving average when it keeps one (use_ema), else the
+  trained params."""
+  return state.get("ema", state["params"])
+
+
 def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
   """The run's saved config over the defaults: a setting added since the run was written takes its default (new
   settings default to the behaviour before them); a setting this version does not know (the run was written by
@@ -167,7 +174,7 @@ def with_defaults(saved: dict, source) -> ml_collections.ConfigDict:
 
 def load_run(workdir: pathlib.Path, step: int | None):
   """(config, trained pipeline view, step) of a run's checkpoint (LoRA layers kept, not merged). Restores the
-  params item alone: no optimizer is built."""
+  params item alone (with use_ema their moving average): no optimizer is built."""
   config = read_run_config(workdir)
   pipe = load_model(config)
   graphdefs, params, frozen = trainable_state(pipe, config)
@@ -176,5 +183,7 @@ def load_run(workdir: pathlib.Path, step: int | None):
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
   if step is not None and step not in mgr.all_steps():
     raise ValueError(f"step {step}: no such checkpoint in {workdir}/checkpoints (have {sorted(mgr.all_steps())})")
-  step, restored = checkpoint.restore_params(mgr, step, jax.eval_shape(lambda p: p, params))
+  abstract = jax.eval_shape(lambda p: step_lib.init_train_state(p, optax.identity(), config.use_ema), params)
+  item = "ema" if config.use_ema else "params"
+  step, restored = checkpoint.restore_params(mgr, step, abstract[item], item=item)
   return config, trained_view(pipe, graphdefs, jax.device_get(restored), frozen), step

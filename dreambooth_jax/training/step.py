@@ -33,6 +33,43 @@ class LossSettings:
       raise ValueError(f"snr_weighting={self.snr_weighting!r} is not one of {list(schedule_lib.SNR_WEIGHTINGS)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class EmaSettings:
+  """Exponential moving average of the trained weights, updated after each optimizer step u = 1, 2, ...:
+  ema = d_u * ema + (1 - d_u) * params. d_u = 0 (a copy) for the first `update_after_step` updates, then `decay`;
+  with `ramp`, diffusers' EMAModel: d_u = 0 while u <= update_after_step + 1, then min(decay, (1 + n) / (10 + n))
+  with n = u - update_after_step - 1, so the early average does not hold the first weights for long."""
+
+  decay: float = 0.9999
+  update_after_step: int = 0
+  ramp: bool = True
+
+  def __post_init__(self):
+    if not 0.0 <= self.decay <= 1.0:
+      raise ValueError(f"ema_decay={self.decay}: must be in [0, 1] (0.9999 is usual; 0 = the raw weights)")
+    if self.update_after_step < 0:
+      raise ValueError(f"ema_update_after_step={self.update_after_step}: must be >= 0")
+
+  def decay_at(self, update):
+    """d_u of update u (1-based, traced int)."""
+    n = (update - self.update_after_step - 1).astype(jnp.float32)
+    if not self.ramp:
+      return jnp.where(update <= self.update_after_step, 0.0, jnp.float32(self.decay))
+    return jnp.where(n <= 0, 0.0, jnp.minimum(jnp.float32(self.decay), (1.0 + n) / (10.0 + n)))
+
+
+def ema_settings(config) -> EmaSettings | None:
+  """config's EMA, or None when use_ema is off."""
+  if not config.use_ema:
+    return None
+  return EmaSettings(decay=config.ema_decay, update_after_step=config.ema_update_after_step, ramp=config.ema_ramp)
+
+
+def update_ema(ema: dict, params: dict, decay) -> dict:
+  # d * ema + (1 - d) * p rather than ema + (1 - d) * (p - ema): exactly p at d = 0 and exactly ema at d = 1
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), ema, params)
+
+
 def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: LossSettings):
   """Per-example MSE (B,) of one micro-batch; the family says how the text and image conditioning reach its
   denoiser.
@@ -77,10 +114,11 @@ def combine_losses(mse_B, prior_B, prior_loss_weight: float):
 
 
 def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
-                    settings: LossSettings):
+                    settings: LossSettings, ema: EmaSettings | None = None):
   """Returns train_step(state, batch, rng, frozen) -> (state, metrics).
 
-  state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ...} (donated)
+  state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ..., ["ema": float32 copy of
+          params, with `ema`]} (donated)
   batch:  arrays with a leading gradient-accumulation axis (A, B, ...), the schema of data.batches.batch_schema:
           "pixels" or "latent_mean"/"latent_std", the family's ID_KEYS or cached TEXT_KEYS, its image
           conditioning, "prior" (B,) flags and "slot" (B,) the examples' positions in the step's whole batch
@@ -129,6 +167,10 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
     for group, lr in schedules.items():
       metrics["lr" if group == family.DENOISER else f"lr_{group}"] = lr(state["step"])
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    if ema is not None:
+      decay = ema.decay_at(new_state["step"])
+      new_state["ema"] = update_ema(state["ema"], new_params, decay)
+      metrics["ema_decay"] = decay
     return new_state, metrics
 
   return train_step
@@ -162,5 +204,8 @@ def pure_params(module: nnx.Module) -> dict:
   return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
-def init_train_state(params: dict, tx: optax.GradientTransformation) -> dict[str, Any]:
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+def init_train_state(params: dict, tx: optax.GradientTransformation, ema: bool = False) -> dict[str, Any]:
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  if ema:  # float32 whatever param_dtype (lr-sized changes average below bf16's resolution); a copy, not an alias
+    state["ema"] = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+  return state
