@@ -82,6 +82,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.num_validation_images = 4
   c.validation_inference_steps = 25
   c.validation_guidance = 7.5
+  # Validation loss at each validation (validation_steps): the loss on fixed noise and timesteps of each instance
+  # image and up to validation_loss_class_images class images (centre crop, no flip), logged as val/instance_loss and
+  # val/prior_loss; the same params give the same value at any step, so it shows overfitting.
+  c.validation_loss = False
+  c.validation_loss_class_images = 8
   # In-training evaluation (the paper's metrics) and best-checkpoint selection; 0 = off.
   c.eval_steps = 0
   c.eval_metric = "dino"  # dino | clip_i | clip_t: the checkpoint with the highest value is kept (best.json)

@@ -36,6 +36,14 @@ class MetricsWriter:
       self.bar.update(step - self.bar.n)
     return scalars
 
+  def record(self, step: int, scalars: dict):
+    """A record of its own in metrics.jsonl (no "loss": e.g. the validation loss) and tensorboard, tags as named."""
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.jsonl.flush()
+      for k, v in scalars.items():
+        self.tensorboard.add_scalar(k, v, step)
+
   def image(self, tag: str, image_HWC: np.ndarray, step: int):
     if self.enabled:
       self.tensorboard.add_image(tag, image_HWC, step, dataformats="HWC")

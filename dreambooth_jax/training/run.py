@@ -19,7 +19,7 @@ from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import export
 from dreambooth_jax.sampling import sampler
 from dreambooth_jax.training import (checkpoint, in_training_eval, metrics as metrics_lib, optim, plan as plan_lib,
-                                     run_state, step as step_lib)
+                                     run_state, step as step_lib, val_loss as val_loss_lib)
 
 
 def write_config(config, workdir: pathlib.Path):
@@ -98,11 +98,8 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx, config.use_ema), params)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
-  settings = step_lib.LossSettings(
-      prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
-      snr_gamma=config.snr_gamma, snr_weighting=config.get("snr_weighting", "min_snr"),
-      offset_noise=config.offset_noise)
-  step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings, step_lib.ema_settings(config))
+  step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, step_lib.loss_settings(config),
+                                     step_lib.ema_settings(config))
   batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
   frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
@@ -199,6 +196,10 @@ def train(config, workdir: pathlib.Path) -> Job:
   evaluator = None
   if config.get("eval_steps"):
     evaluator = in_training_eval.Evaluator(config, workdir, data.sets["instance"].paths, primary=primary)
+  val_loss = None
+  if config.validation_loss and config.validation_steps:
+    val_loss = val_loss_lib.ValidationLoss(config, data, pipe.family, graphdefs, step_lib.loss_settings(config),
+                                           mesh)
   pending = None  # (step, device metrics, dispatch time) of the last dispatched step, read one step late
   images_per_step = data.global_batch_size * config.gradient_accumulation_steps
 
@@ -238,7 +239,13 @@ def train(config, workdir: pathlib.Path) -> Job:
           for name, value in eval_metrics.items():
             writer.scalar(f"eval/{name}", value, done)
         checkpoint.save(mgr, done, state, {"data": data_state, "step": done}, metrics=eval_metrics)
-      if config.validation_steps and config.validation_prompt and done % config.validation_steps == 0:
+      validate = config.validation_steps and done % config.validation_steps == 0
+      if validate and val_loss is not None:
+        if pending is not None:  # the step's record first
+          flush(pending)
+          pending = None
+        writer.record(done, val_loss(run_state.used_params(state), job.frozen))
+      if validate and config.validation_prompt:
         grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, run_state.used_params(state), job.frozen,
                                                         config, mesh))
         if primary:

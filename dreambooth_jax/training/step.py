@@ -33,6 +33,11 @@ class LossSettings:
       raise ValueError(f"snr_weighting={self.snr_weighting!r} is not one of {list(schedule_lib.SNR_WEIGHTINGS)}")
 
 
+def loss_settings(config) -> LossSettings:
+  return LossSettings(prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
+                      snr_gamma=config.snr_gamma, snr_weighting=config.snr_weighting, offset_noise=config.offset_noise)
+
+
 @dataclasses.dataclass(frozen=True)
 class EmaSettings:
   """Exponential moving average of the trained weights, updated after each optimizer step u = 1, 2, ...:
