@@ -6,6 +6,7 @@ frozen VAE's posterior (mean, std) is computed once per variant and the per-step
 train step; with a frozen text encoder the embeddings of each distinct caption are computed once too.
 """
 
+import dataclasses
 import pathlib
 
 import jax
@@ -35,6 +36,16 @@ def caches_latents(config) -> bool:
 def caches_text(config) -> bool:
   """Text embeddings are computed once when the text encoders are frozen (and caching is on)."""
   return bool(config.cache_latents) and not trains_text_encoder(config)
+
+
+def uses_base_output(config) -> bool:
+  """Prior preservation whose class examples are the instance images with the class prompt, their target the base
+  model's prediction (training/step.py): no class images."""
+  return bool(config.with_prior_preservation and config.prior_preservation == "base_output")
+
+
+def uses_class_images(config) -> bool:
+  return bool(config.with_prior_preservation and not uses_base_output(config))
 
 
 def global_batch_size(config) -> int:
@@ -110,7 +121,10 @@ class TrainData:
     instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
     self.sets = {"instance": _load_images("instance_data_dir", instance_dir, config.resolution,
                                           config.instance_prompt, config.on_bad_image)}
-    if self.with_prior:
+    if uses_base_output(config):  # drawn on their own: another order than the instance examples'
+      instance = self.sets["instance"]
+      self.sets["class"] = dataclasses.replace(instance, captions=[config.class_prompt] * len(instance.paths))
+    elif self.with_prior:
       class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
       self.sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
                                         config.on_bad_image)

@@ -151,7 +151,7 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
   step = compile_step(config, pipe, graphdefs, params, frozen, mesh)
   plan_lib.check_fits(step.memory, config)  # before any class image is generated or step is run
-  if config.with_prior_preservation:
+  if batches.uses_class_images(config):
     class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
     class_images.ensure_class_images(
         pipe, class_dir, config.class_prompt, config.num_class_images, seed=config.seed,

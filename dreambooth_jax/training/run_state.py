@@ -136,8 +136,21 @@ def trainable_state(pipe: Pipeline, config) -> tuple[dict, dict, dict]:
     for name in pipe.family.TEXT_ENCODERS:
       if name not in params:
         frozen[name] = step_lib.pure_params(pipe.modules[name])
+  if batches.uses_base_output(config):  # a fully trained component's base: a frozen copy (LoRA: adapters off)
+    for name in params:
+      if f"{name}_base" not in frozen:
+        if name != pipe.family.DENOISER:
+          raise ValueError(f"prior_preservation='base_output' with train_text_encoder=True: the base's text encoder "
+                           "would need a frozen copy too; set lora.text_encoder=True (with lora.enabled) or "
+                           "train_text_encoder=False")
+        frozen[f"prior_{name}"] = jax.tree.map(_copy, params[name])
   graphdefs = {name: nnx.split(module)[0] for name, module in pipe.modules.items()}
   return graphdefs, params, frozen
+
+
+def _copy(x):
+  """A new buffer (the trained params are donated to the step; their frozen copy must not be the same array)."""
+  return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.array(x, copy=True)
 
 
 def trained_view(pipe: Pipeline, graphdefs, params, frozen) -> Pipeline:

@@ -24,7 +24,8 @@ def make_losses_fn(family, graphdefs: dict, settings: step_lib.LossSettings):
 
   def losses(params, frozen, chunk, rng):
     modules = step_lib.merge_modules(graphdefs, params, frozen)
-    return step_lib.example_losses(family, modules, frozen["schedule"], chunk, rng, settings)
+    return step_lib.example_losses(family, modules, frozen["schedule"], chunk, rng, settings,
+                                   step_lib.base_modules(graphdefs, params, frozen, settings))
 
   return losses
 
