@@ -32,7 +32,8 @@ def test_decay_schedule_matches_diffusers_ema_model():
       ours = step_lib.update_ema(ours, {"w": value}, decay)
       np.testing.assert_allclose(ours["w"], reference.shadow_params[0].numpy(), rtol=1e-5, atol=1e-6)
   plain = step_lib.EmaSettings(decay=0.8, update_after_step=2, ramp=False)
-  assert [float(plain.decay_at(jax.numpy.int32(u))) for u in (1, 2, 3, 4)] == [0.0, 0.0, np.float32(0.8), np.float32(0.8)]
+  decays = [float(plain.decay_at(jax.numpy.int32(u))) for u in (1, 2, 3, 4)]
+  assert decays == [0.0, 0.0, np.float32(0.8), np.float32(0.8)]
   with pytest.raises(ValueError, match="ema_decay=1.5"):
     step_lib.EmaSettings(decay=1.5)
 

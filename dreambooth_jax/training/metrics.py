@@ -1,4 +1,5 @@
-"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step) and a console progress bar.
+"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step, and one per validation loss) and
+a console progress bar.
 
 Values arrive as device arrays and are read one step late (after the next step is dispatched) so the host never
 waits for the device in the loop.
