@@ -1,6 +1,7 @@
 """Every trainer setting with its default. Other configs start from this one and override what they change.
 
-Key names follow diffusers' examples/dreambooth/train_dreambooth.py flags where one exists.
+Key names follow diffusers' examples/dreambooth/train_dreambooth.py flags where one exists. These are all the keys
+there are: a config that sets any other is refused by name (dreambooth_jax/config_files.py, check_known).
 """
 
 import ml_collections
