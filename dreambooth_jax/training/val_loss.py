@@ -63,7 +63,7 @@ class ValidationLoss:
     return {k: put(v) for k, v in self.examples.items()}
 
   def __call__(self, params, frozen) -> dict:
-    losses = np.concatenate([np.asarray(self.fn(params, frozen, self._chunk(start), self.rng))
+    losses = np.concatenate([sharding_lib.to_host(self.fn(params, frozen, self._chunk(start), self.rng))
                              for start in range(0, len(self.examples["slot"]), self.chunk)])[:self.size]
     values = {"val/instance_loss": float(np.mean(losses[~self.prior_E], dtype=np.float64))}
     if self.prior_E.any():
