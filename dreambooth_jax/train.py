@@ -12,7 +12,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dreambooth_jax import cli, distributed
+from dreambooth_jax import cli, config_files, distributed
 from dreambooth_jax.training import plan as plan_lib, run
 
 
@@ -27,6 +27,7 @@ def main(argv):
   del argv
   quiet_library_logs()
   config = flags.FLAGS.config
+  config_files.check_known(config, f"--config={config_flags.get_config_filename(flags.FLAGS['config'])}")
   if flags.FLAGS.dry_run:
     distributed.initialize()
     step = run.dry_run(config)

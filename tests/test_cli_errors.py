@@ -26,10 +26,12 @@ def run_cli(module, *args, tmp_path, **env_vars):
     ("train", ["--config.mixed_precision=fp8"], "mixed_precision='fp8'"),
     ("train", ["--config.lora.enabled=True", "--config.lora.rank=0"], "lora.rank = 0"),
     ("train", ["--config.resolution=36"], "resolution=36"),
+    ("train", ["--config.prior_preservation=bogus"], "prior_preservation='bogus' is not one of"),
     ("train", ["--config.instance_data_dir=/no/such/folder"], "instance_data_dir: /no/such/folder"),
     ("sample", ["--model=/no/such/folder", "--prompt=x", "--out=samples"], "--model=/no/such/folder"),
     ("export", ["--workdir=/no/such/run"], "/no/such/run"),
-], ids=["hub-offline", "mixed-precision", "lora-rank", "resolution", "instance-dir", "sample-model", "export-workdir"])
+], ids=["hub-offline", "mixed-precision", "lora-rank", "resolution", "prior-preservation", "instance-dir",
+        "sample-model", "export-workdir"])
 def test_user_mistakes_end_in_one_line(module, args, expected, tmp_path):
   if module == "train":
     args = [f"--config={TINY}", f"--workdir={tmp_path / 'run'}", *args]

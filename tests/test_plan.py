@@ -33,8 +33,12 @@ def test_plan_counts_the_trained_bytes_and_levers_shrink_them():
   assert base.memory.params == unet_bytes  # fp32 master copy of the whole UNet on one device
   assert base.memory.optimizer >= 2 * unet_bytes  # Adam's two moments
   assert base.memory.temporaries > 0 and base.memory.peak > base.memory.params + base.memory.optimizer
-  low = dry("optimizer_moments_bf16=True", "param_dtype=bfloat16")
+  low = dry("optimizer_moments_bf16=True", "param_dtype=bfloat16", "use_ema=True", "with_prior_preservation=True",
+            "prior_preservation=base_output")
   assert low.memory.params == unet_bytes // 2 and low.memory.optimizer < 0.6 * base.memory.optimizer
+  assert low.memory.ema == unet_bytes and base.memory.ema == 0  # the EMA stays float32
+  assert base.memory.frozen < unet_bytes // 2 <= low.memory.frozen  # base_output: a frozen (bf16) copy of the UNet
+  assert "EMA weights" in low.memory.table() and "EMA" not in base.memory.table()
   lora_config = fast_config("with_prior_preservation=False")
   lora_config.lora.enabled = True
   lora = run.dry_run(lora_config)

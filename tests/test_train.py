@@ -39,7 +39,8 @@ def read_losses(workdir) -> dict[int, float]:
   losses = {}
   for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
     record = json.loads(line)
-    losses[record["step"]] = record["loss"]  # a resumed run re-logs steps after the checkpoint: keep the last
+    if "loss" in record:  # step records (validation-loss records have val/* keys instead)
+      losses[record["step"]] = record["loss"]  # a resumed run re-logs steps after the checkpoint: keep the last
   return losses
 
 

@@ -16,7 +16,8 @@ STEPS = 20
 
 
 def lora_config(*overrides):
-  config = fast_config(f"max_train_steps={STEPS}", "validation_steps=20", "learning_rate=1e-2", *overrides)
+  config = fast_config(f"max_train_steps={STEPS}", "validation_steps=20", "learning_rate=1e-2", "use_ema=True",
+                       "ema_decay=0.9", "validation_loss=True", *overrides)  # validation and exports use the EMA
   config.lora.enabled = True
   config.lora.rank = 4
   config.lora.alpha = 8.0
@@ -75,6 +76,15 @@ def test_lora_resume_repeats_the_losses(lora_run, tmp_path):
   (workdir / "export").exists() and shutil.rmtree(workdir / "export")
   run.train(lora_config(), workdir)
   assert read_losses(workdir) == read_losses(lora_run)
+  val = lambda w: [r for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines()) if "loss" not in r]
+  assert val(lora_run) == [{"step": STEPS, "val/instance_loss": val(lora_run)[0]["val/instance_loss"],
+                            "val/prior_loss": val(lora_run)[0]["val/prior_loss"]}]
+  assert val(workdir)[-1] == val(lora_run)[0]  # the same params (the EMA), the same validation loss
+  import orbax.checkpoint as ocp
+  read = lambda w, item: _leaves(ocp.StandardCheckpointer().restore(w / "checkpoints" / str(STEPS) / item))
+  ema, params = read(workdir, "ema"), read(workdir, "params")
+  assert len(ema) == len(params) and not all(np.array_equal(e, p) for e, p in zip(ema, params))  # averaged
+  assert all(np.array_equal(a, b) for a, b in zip(ema, read(lora_run, "ema"), strict=True))  # resumed bitwise
 
 
 def test_lora_exports_load_in_diffusers(lora_run, tmp_path):

@@ -6,6 +6,7 @@ frozen VAE's posterior (mean, std) is computed once per variant and the per-step
 train step; with a frozen text encoder the embeddings of each distinct caption are computed once too.
 """
 
+import dataclasses
 import pathlib
 
 import jax
@@ -35,6 +36,16 @@ def caches_latents(config) -> bool:
 def caches_text(config) -> bool:
   """Text embeddings are computed once when the text encoders are frozen (and caching is on)."""
   return bool(config.cache_latents) and not trains_text_encoder(config)
+
+
+def uses_base_output(config) -> bool:
+  """Prior preservation whose class examples are the instance images with the class prompt, their target the base
+  model's prediction (training/step.py): no class images."""
+  return bool(config.with_prior_preservation and config.prior_preservation == "base_output")
+
+
+def uses_class_images(config) -> bool:
+  return bool(config.with_prior_preservation and not uses_base_output(config))
 
 
 def global_batch_size(config) -> int:
@@ -110,7 +121,10 @@ class TrainData:
     instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
     self.sets = {"instance": _load_images("instance_data_dir", instance_dir, config.resolution,
                                           config.instance_prompt, config.on_bad_image)}
-    if self.with_prior:
+    if uses_base_output(config):  # drawn on their own: another order than the instance examples'
+      instance = self.sets["instance"]
+      self.sets["class"] = dataclasses.replace(instance, captions=[config.class_prompt] * len(instance.paths))
+    elif self.with_prior:
       class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
       self.sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
                                         config.on_bad_image)
@@ -145,29 +159,40 @@ class TrainData:
       stds.append(np.asarray(std))
     return {"mean": np.stack(means), "std": np.stack(stds)}
 
+  def _part(self, name: str, example: dict, offset: int) -> dict:
+    """A SubjectIterator batch of set `name` as batch_schema arrays; slots start at `offset`."""
+    part = {"prior": np.full(len(example["index_B"]), name == "class", np.float32),
+            "slot": example["slot_B"] + offset}
+    if self.latents is not None:
+      table = self.latents[name]
+      flips = example["flip_B"].astype(np.int32)
+      part["latent_mean"] = table["mean"][example["index_B"], flips]
+      part["latent_std"] = table["std"][example["index_B"], flips]
+    else:
+      part["pixels"] = example["pixels_BHWC"]
+    part.update(self.family.training_image_conditioning(example["original_size_B2"], example["crop_top_left_B2"],
+                                                        self.config.resolution))
+    if self.caches_text:
+      rows = [self.caption_rows[c] for c in example["caption_B"]]
+      part.update({k: table[rows] for k, table in self.text_table.items()})
+    else:
+      part.update(self.family.tokenize(self.tokenizers, list(example["caption_B"])))
+    return part
+
+  def fixed_examples(self, name: str, count: int, first_slot: int = 0) -> dict:
+    """`count` examples of set `name` (all of it, or a seeded choice), centre-cropped, not flipped, whatever the
+    training's crop and flip settings, with slots first_slot, first_slot + 1, ...: the validation loss's."""
+    it = data_lib.SubjectIterator(self.sets[name], count, seed=self.config.seed, center_crop=True,
+                                  random_flip=False, process_index=0, process_count=1,
+                                  with_pixels=self.latents is None)
+    return self._part(name, next(it), first_slot)
+
   def _local_micro_batch(self, micro: int) -> dict:
     parts = []
     for name, it in self.iterators.items():
-      example = next(it)
       # slot: the example's position in the step's whole batch (its noise key), across micro-batches
       offset = micro * self.global_batch_size + (self.config.train_batch_size if name == "class" else 0)
-      part = {"prior": np.full(len(example["index_B"]), name == "class", np.float32),
-              "slot": example["slot_B"] + offset}
-      if self.latents is not None:
-        table = self.latents[name]
-        flips = example["flip_B"].astype(np.int32)
-        part["latent_mean"] = table["mean"][example["index_B"], flips]
-        part["latent_std"] = table["std"][example["index_B"], flips]
-      else:
-        part["pixels"] = example["pixels_BHWC"]
-      part.update(self.family.training_image_conditioning(example["original_size_B2"], example["crop_top_left_B2"],
-                                                          self.config.resolution))
-      if self.caches_text:
-        rows = [self.caption_rows[c] for c in example["caption_B"]]
-        part.update({k: table[rows] for k, table in self.text_table.items()})
-      else:
-        part.update(self.family.tokenize(self.tokenizers, list(example["caption_B"])))
-      parts.append(part)
+      parts.append(self._part(name, next(it), offset))
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if set(batch) != set(self.schema):  # one schema: what the step was compiled for
       raise AssertionError(f"batch keys {sorted(batch)} differ from the schema {sorted(self.schema)}")

@@ -1,8 +1,9 @@
-"""Orbax checkpoints in WORKDIR/checkpoints: three items per step,
+"""Orbax checkpoints in WORKDIR/checkpoints: three items per step (four with use_ema),
 
   params     the trainable params (LoRA: the factors)
   opt_state  {"step", "opt_state"}: the optimizer state and the step counter
   side       JSON: the data iterators' state and the step
+  ema        (use_ema) the moving average of the params, float32
 
 restored into the shardings of the running job, so a checkpoint written on one mesh restores onto another. Export
 and evaluation restore `params` alone (no optimizer is built). Multi-host: every process calls save/restore; Orbax
@@ -42,11 +43,13 @@ def manager(workdir: pathlib.Path, max_to_keep: int | None, best_metric: str | N
 
 def save(mgr: ocp.CheckpointManager, step: int, state: dict, side_state: dict, *, force: bool = True,
          metrics: dict | None = None) -> bool:
-  """state: the train state {"step", "params", "opt_state"}."""
-  saved = mgr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(state["params"]),
-      opt_state=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-      side=ocp.args.JsonSave(side_state)), force=force, metrics=metrics)
+  """state: the train state {"step", "params", "opt_state", ["ema"]}."""
+  items = dict(params=ocp.args.StandardSave(state["params"]),
+               opt_state=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
+               side=ocp.args.JsonSave(side_state))
+  if "ema" in state:
+    items["ema"] = ocp.args.StandardSave(state["ema"])
+  saved = mgr.save(step, args=ocp.args.Composite(**items), force=force, metrics=metrics)
   mgr.wait_until_finished()
   if saved:
     logging.info("saved checkpoint at step %d", step)
@@ -68,21 +71,27 @@ def restore(mgr: ocp.CheckpointManager, step: int | None, abstract_state: dict) 
   """(step, train state, side state) of `step` (latest when None), in abstract_state's shapes, dtypes and
   shardings."""
   step = _step(mgr, step)
-  restored = mgr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_state["params"]),
-      opt_state=ocp.args.StandardRestore({"step": abstract_state["step"],
-                                          "opt_state": abstract_state["opt_state"]}),
-      side=ocp.args.JsonRestore()))
+  items = dict(params=ocp.args.StandardRestore(abstract_state["params"]),
+               opt_state=ocp.args.StandardRestore({"step": abstract_state["step"],
+                                                   "opt_state": abstract_state["opt_state"]}),
+               side=ocp.args.JsonRestore())
+  if "ema" in abstract_state:
+    items["ema"] = ocp.args.StandardRestore(abstract_state["ema"])
+  restored = mgr.restore(step, args=ocp.args.Composite(**items))
   state = {"step": restored.opt_state["step"], "params": restored.params,
            "opt_state": restored.opt_state["opt_state"]}
+  if "ema" in abstract_state:
+    state["ema"] = restored.ema
   return step, state, restored.side
 
 
-def restore_params(mgr: ocp.CheckpointManager, step: int | None, abstract_params) -> tuple[int, dict]:
-  """(step, trainable params) alone: no optimizer state is read or needs building."""
+def restore_params(mgr: ocp.CheckpointManager, step: int | None, abstract_params, item: str = "params"
+                   ) -> tuple[int, dict]:
+  """(step, trainable params) alone: no optimizer state is read or needs building. item="ema": their moving
+  average (use_ema)."""
   step = _step(mgr, step)
-  restored = mgr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))
-  return step, restored.params
+  restored = mgr.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract_params)}))
+  return step, restored[item]
 
 
 class CheckpointError(RuntimeError):

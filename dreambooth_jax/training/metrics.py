@@ -1,4 +1,5 @@
-"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step) and a console progress bar.
+"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step, and one per validation loss) and
+a console progress bar.
 
 Values arrive as device arrays and are read one step late (after the next step is dispatched) so the host never
 waits for the device in the loop.
@@ -40,6 +41,14 @@ class MetricsWriter:
       self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
       self.bar.update(step - self.bar.n)
     return scalars
+
+  def record(self, step: int, scalars: dict):
+    """A record of its own in metrics.jsonl (no "loss": e.g. the validation loss) and tensorboard, tags as named."""
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      self.jsonl.flush()
+      for k, v in scalars.items():
+        self.tensorboard.add_scalar(k, v, step)
 
   def image(self, tag: str, image_HWC: np.ndarray, step: int):
     if self.enabled:

@@ -1,6 +1,6 @@
-"""Memory plan: per-device bytes of the trainable params, optimizer state, frozen weights, batch and the compiled
-train step's temporaries (XLA's memory analysis of the exact step the run will execute), and a refusal, with the
-levers to pull, when that cannot fit the device.
+"""Memory plan: per-device bytes of the trainable params, optimizer state, EMA weights (use_ema), frozen weights,
+batch and the compiled train step's temporaries (XLA's memory analysis of the exact step the run will execute), and
+a refusal, with the levers to pull, when that cannot fit the device.
 
   python -m dreambooth_jax.train --config=configs/dog.py --dry_run
 
@@ -92,14 +92,15 @@ class MemoryPlan:
   peak: int  # estimate: arguments + outputs - donated aliases + temporaries + code
   limit: int | None  # device memory, when known
   devices: int
+  ema: int = 0  # moving average of the trainable params (use_ema), float32, per device
 
   def fits(self) -> bool:
     return self.limit is None or self.peak <= self.limit
 
   def table(self) -> str:
-    rows = [("trainable params", self.params), ("optimizer state", self.optimizer), ("frozen weights", self.frozen),
-            ("batch", self.batch), ("step temporaries (XLA)", self.temporaries), ("compiled code", self.code),
-            ("peak estimate", self.peak)]
+    rows = [("trainable params", self.params), ("optimizer state", self.optimizer),
+            *([("EMA weights", self.ema)] if self.ema else []), ("frozen weights", self.frozen), ("batch", self.batch),
+            ("step temporaries (XLA)", self.temporaries), ("compiled code", self.code), ("peak estimate", self.peak)]
     lines = [f"  {name:<24}{value / GIB:9.3f} GiB" for name, value in rows]
     limit = "unknown (CPU; set device_memory_gib)" if self.limit is None else f"{self.limit / GIB:.3f} GiB"
     return "\n".join([f"memory per device ({self.devices} devices):", *lines, f"  {'device memory':<24}{limit}"])
@@ -125,7 +126,8 @@ def memory_plan(config, compiled, mesh, state, state_shardings, frozen, frozen_s
       optimizer=per_device_bytes(state["opt_state"], state_shardings["opt_state"]),
       frozen=per_device_bytes(frozen, frozen_shardings), batch=per_device_bytes(batch, batch_shardings),
       temporaries=temp, code=code, peak=args + out - alias + temp + code, limit=device_limit(config),
-      devices=mesh.devices.size)
+      devices=mesh.devices.size,
+      ema=per_device_bytes(state["ema"], state_shardings["ema"]) if "ema" in state else 0)
 
 
 def check_fits(plan: MemoryPlan, config):

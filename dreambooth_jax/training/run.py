@@ -13,20 +13,20 @@ import jax
 import numpy as np
 from absl import logging
 
-from dreambooth_jax import distributed, sharding
+from dreambooth_jax import config_files, distributed, sharding
 from dreambooth_jax.data import batches, class_images
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import export
 from dreambooth_jax.sampling import sampler
 from dreambooth_jax.training import (checkpoint, in_training_eval, metrics as metrics_lib, optim, plan as plan_lib,
-                                     run_state, step as step_lib)
+                                     run_state, step as step_lib, val_loss as val_loss_lib)
 
 
 def write_config(config, workdir: pathlib.Path):
   saved = workdir / "config.json"
   resolved = json.loads(config.to_json_best_effort())
-  if saved.is_file():
-    previous = json.loads(saved.read_text())
+  if saved.is_file():  # settings added since it was written compare as their defaults
+    previous = json.loads(run_state.with_defaults(json.loads(saved.read_text()), saved).to_json_best_effort())
     changed = {k: (previous.get(k), v) for k, v in resolved.items() if previous.get(k) != v}
     if changed:
       logging.warning("config differs from the one this workdir was started with: %s", changed)
@@ -95,14 +95,11 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   """Shards by the logical rules, compiles the step ahead of time (state donated) and plans its memory. Works on
   concrete or abstract (ShapeDtypeStruct) params alike."""
   tx, lr_schedules = optim.make_optimizer(config, tuple(params), denoiser=pipe.family.DENOISER)
-  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx), params)
+  abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx, config.use_ema), params)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
-  settings = step_lib.LossSettings(
-      prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
-      snr_gamma=config.snr_gamma, snr_weighting=config.get("snr_weighting", "min_snr"),
-      offset_noise=config.offset_noise)
-  step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings)
+  step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, step_lib.loss_settings(config),
+                                     step_lib.ema_settings(config))
   batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
   frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
@@ -123,6 +120,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
 
 def dry_run(config, mesh=None) -> CompiledStep:
   """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
+  config_files.check_known(config)
   run_state.resolve_defaults(config)
   mesh = mesh or make_mesh(config)
   pipe = plan_lib.abstract_model(config, dtype=run_state.compute_dtype(config),
@@ -153,7 +151,7 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
   step = compile_step(config, pipe, graphdefs, params, frozen, mesh)
   plan_lib.check_fits(step.memory, config)  # before any class image is generated or step is run
-  if config.with_prior_preservation:
+  if batches.uses_class_images(config):
     class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
     class_images.ensure_class_images(
         pipe, class_dir, config.class_prompt, config.num_class_images, seed=config.seed,
@@ -172,7 +170,8 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
     data.set_state(side["data"])
     logging.info("resumed from step %d", restored)
   else:
-    state = jax.jit(lambda p: step_lib.init_train_state(p, step.tx), out_shardings=step.state_shardings)(params)
+    state = jax.jit(lambda p: step_lib.init_train_state(p, step.tx, config.use_ema),
+                    out_shardings=step.state_shardings)(params)
   del params
   pipe.modules[pipe.family.DENOISER] = None  # the trained copy lives in `state` (and, for LoRA, its base in `frozen`); free the original
   return Job(pipe=pipe, mesh=mesh, data=data, graphdefs=graphdefs, state=state, state_shardings=step.state_shardings,
@@ -181,6 +180,7 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
 
 def train(config, workdir: pathlib.Path) -> Job:
   """Runs (or resumes) the job; returns it with its final (device) state."""
+  config_files.check_known(config)  # before any work
   distributed.initialize()
   workdir.mkdir(parents=True, exist_ok=True)
   run_state.resolve_defaults(config)
@@ -196,6 +196,10 @@ def train(config, workdir: pathlib.Path) -> Job:
   evaluator = None
   if config.get("eval_steps"):
     evaluator = in_training_eval.Evaluator(config, workdir, data.sets["instance"].paths, primary=primary)
+  val_loss = None
+  if config.validation_loss and config.validation_steps:
+    val_loss = val_loss_lib.ValidationLoss(config, data, pipe.family, graphdefs, step_lib.loss_settings(config),
+                                           mesh)
   pending = None  # (step, device metrics, dispatch time) of the last dispatched step, read one step late
   images_per_step = data.global_batch_size * config.gradient_accumulation_steps
 
@@ -232,12 +236,20 @@ def train(config, workdir: pathlib.Path) -> Job:
         pending = None
         eval_metrics = None
         if evaluate_now:  # the evaluated step is checkpointed with its metrics (Orbax keeps the best)
-          eval_metrics = evaluator(run_state.trained_view(pipe, graphdefs, state["params"], job.frozen), done, mesh)
+          eval_metrics = evaluator(run_state.trained_view(pipe, graphdefs, run_state.used_params(state), job.frozen),
+                                   done, mesh)
           for name, value in eval_metrics.items():
             writer.scalar(f"eval/{name}", value, done)
         checkpoint.save(mgr, done, state, {"data": data_state, "step": done}, metrics=eval_metrics)
-      if config.validation_steps and config.validation_prompt and done % config.validation_steps == 0:
-        grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, state["params"], job.frozen, config, mesh))
+      validate = config.validation_steps and done % config.validation_steps == 0
+      if validate and val_loss is not None:
+        if pending is not None:  # the step's record first
+          flush(pending)
+          pending = None
+        writer.record(done, val_loss(run_state.used_params(state), job.frozen))
+      if validate and config.validation_prompt:
+        grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, run_state.used_params(state), job.frozen,
+                                                        config, mesh))
         if primary:
           (workdir / "validation").mkdir(exist_ok=True)
           from PIL import Image  # noqa: PLC0415
@@ -256,7 +268,7 @@ def train(config, workdir: pathlib.Path) -> Job:
     checkpoint.save(mgr, config.max_train_steps, state, {"data": data.get_state(), "step": config.max_train_steps})
   if config.export_at_end:
     # Collectives on multi-host: every process gathers, process 0 writes.
-    params = sharding.to_host(state["params"])
+    params = sharding.to_host(run_state.used_params(state))
     bases = sharding.to_host({k: v for k, v in job.frozen.items() if k.endswith("_base")})
     if primary:
       view = run_state.trained_view(pipe, graphdefs, params, bases)

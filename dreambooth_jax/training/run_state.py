@@ -11,10 +11,11 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 from absl import logging
 from flax import nnx
 
-from dreambooth_jax import cli
+from dreambooth_jax import cli, config_files
 from dreambooth_jax.data import batches
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import diffusers_folder, load, lora_files
@@ -135,8 +136,21 @@ def trainable_state(pipe: Pipeline, config) -> tuple[dict, dict, dict]:
     for name in pipe.family.TEXT_ENCODERS:
       if name not in params:
         frozen[name] = step_lib.pure_params(pipe.modules[name])
+  if batches.uses_base_output(config):  # a fully trained component's base: a frozen copy (LoRA: adapters off)
+    for name in params:
+      if f"{name}_base" not in frozen:
+        if name != pipe.family.DENOISER:
+          raise ValueError(f"prior_preservation='base_output' with train_text_encoder=True: the base's text encoder "
+                           "would need a frozen copy too; set lora.text_encoder=True (with lora.enabled) or "
+                           "train_text_encoder=False")
+        frozen[f"prior_{name}"] = jax.tree.map(_copy, params[name])
   graphdefs = {name: nnx.split(module)[0] for name, module in pipe.modules.items()}
   return graphdefs, params, frozen
+
+
+def _copy(x):
+  """A new buffer (the trained params are donated to the step; their frozen copy must not be the same array)."""
+  return x if isinstance(x, jax.ShapeDtypeStruct) else jnp.array(x, copy=True)
 
 
 def trained_view(pipe: Pipeline, graphdefs, params, frozen) -> Pipeline:
@@ -144,16 +158,36 @@ def trained_view(pipe: Pipeline, graphdefs, params, frozen) -> Pipeline:
   return pipe.replace(**step_lib.merge_modules({n: graphdefs[n] for n in params}, params, frozen))
 
 
+def used_params(state: dict) -> dict:
+  """The weights a run samples, evaluates and exports: their moving average when it keeps one (use_ema), else the
+  trained params."""
+  return state.get("ema", state["params"])
+
+
 def read_run_config(workdir: pathlib.Path) -> ml_collections.ConfigDict:
+  """The run's saved config over the defaults: a setting added since the run was written takes its default (new
+  settings default to the behaviour before them); a setting this version does not know (the run was written by
+  another version, or the file was edited) is refused by name, since its effect on the run cannot be known."""
   config_path = workdir / "config.json"
   if not config_path.is_file():
     raise FileNotFoundError(f"{config_path}: missing; is {workdir} a training run folder?")
-  return ml_collections.ConfigDict(json.loads(config_path.read_text()))
+  return with_defaults(json.loads(config_path.read_text()), config_path)
+
+
+def with_defaults(saved: dict, source) -> ml_collections.ConfigDict:
+  unknown = config_files.unknown_keys(saved)
+  if unknown:
+    raise ValueError(f"{source}: setting(s) this version of dreambooth_jax does not know: "
+                     f"{config_files.describe_unknown(unknown)}; the run was written by another version (use that "
+                     "one, or rename or remove them in the file if they do not change the run)")
+  config = config_files.defaults()
+  config.update(saved)
+  return config
 
 
 def load_run(workdir: pathlib.Path, step: int | None):
   """(config, trained pipeline view, step) of a run's checkpoint (LoRA layers kept, not merged). Restores the
-  params item alone: no optimizer is built."""
+  params item alone (with use_ema their moving average): no optimizer is built."""
   config = read_run_config(workdir)
   pipe = load_model(config)
   graphdefs, params, frozen = trainable_state(pipe, config)
@@ -162,5 +196,7 @@ def load_run(workdir: pathlib.Path, step: int | None):
     raise FileNotFoundError(f"{workdir}/checkpoints: no checkpoint to export")
   if step is not None and step not in mgr.all_steps():
     raise ValueError(f"step {step}: no such checkpoint in {workdir}/checkpoints (have {sorted(mgr.all_steps())})")
-  step, restored = checkpoint.restore_params(mgr, step, jax.eval_shape(lambda p: p, params))
+  abstract = jax.eval_shape(lambda p: step_lib.init_train_state(p, optax.identity(), config.use_ema), params)
+  item = "ema" if config.use_ema else "params"
+  step, restored = checkpoint.restore_params(mgr, step, abstract[item], item=item)
   return config, trained_view(pipe, graphdefs, jax.device_get(restored), frozen), step

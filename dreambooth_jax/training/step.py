@@ -3,7 +3,8 @@
 loss = mean over instance examples of ||eps_hat(z_t, c) - target||^2
      + prior_loss_weight * the same mean over class (prior-preservation) examples,
 the two kinds told apart by a per-example `prior` flag rather than by batch halves, so the loss is the same on any
-number of devices and any sharding of the batch.
+number of devices and any sharding of the batch. With prior_preservation="base_output" a class example's target is
+the frozen base model's prediction on the same noised latents and prompt, not the noise (or v).
 """
 
 import dataclasses
@@ -19,6 +20,7 @@ from dreambooth_jax.training import optim
 from dreambooth_jax.sampling import schedules as schedule_lib
 
 ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-batches take 0, 1, ... of the step key)
+PRIOR_PRESERVATIONS = ("class_images", "base_output")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,15 +29,73 @@ class LossSettings:
   snr_gamma: float = 0.0  # 0 = off; else min-SNR-gamma weighting (Hang et al. 2023)
   snr_weighting: str = "min_snr"  # the v-prediction formula: schedules.min_snr_loss_weight
   offset_noise: float = 0.0  # 0 = off; else noise += offset_noise * N(0, 1) per (example, channel)
+  prior_preservation: str = "class_images"  # the class examples' target: the noise (or v) | "base_output"
 
   def __post_init__(self):  # refused at set-up, by name, not at the first traced step
     if self.snr_weighting not in schedule_lib.SNR_WEIGHTINGS:
       raise ValueError(f"snr_weighting={self.snr_weighting!r} is not one of {list(schedule_lib.SNR_WEIGHTINGS)}")
+    if self.prior_preservation not in PRIOR_PRESERVATIONS:
+      raise ValueError(f"prior_preservation={self.prior_preservation!r} is not one of {list(PRIOR_PRESERVATIONS)}")
 
 
-def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: LossSettings):
+def loss_settings(config) -> LossSettings:
+  return LossSettings(prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
+                      snr_gamma=config.snr_gamma, snr_weighting=config.snr_weighting, offset_noise=config.offset_noise,
+                      prior_preservation=config.prior_preservation)
+
+
+def base_modules(graphdefs: dict, params: dict, frozen: dict, settings: LossSettings) -> dict | None:
+  """The frozen base model whose predictions are the class examples' targets with prior_preservation="base_output"
+  (else None): a LoRA component with zero factors (the adapters off: exactly the base network, no extra weights), a
+  fully trained denoiser's frozen copy frozen["prior_" + name]; the frozen components as they are."""
+  if settings.prior_preservation != "base_output":
+    return None
+  base = {name: jax.tree.map(jnp.zeros_like, p) if f"{name}_base" in frozen else frozen[f"prior_{name}"]
+          for name, p in params.items()}
+  return merge_modules(graphdefs, base, frozen)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaSettings:
+  """Exponential moving average of the trained weights, updated after each optimizer step u = 1, 2, ...:
+  ema = d_u * ema + (1 - d_u) * params. d_u = 0 (a copy) for the first `update_after_step` updates, then `decay`;
+  with `ramp`, diffusers' EMAModel: d_u = 0 while u <= update_after_step + 1, then min(decay, (1 + n) / (10 + n))
+  with n = u - update_after_step - 1, so the early average does not hold the first weights for long."""
+
+  decay: float = 0.9999
+  update_after_step: int = 0
+  ramp: bool = True
+
+  def __post_init__(self):
+    if not 0.0 <= self.decay <= 1.0:
+      raise ValueError(f"ema_decay={self.decay}: must be in [0, 1] (0.9999 is usual; 0 = the raw weights)")
+    if self.update_after_step < 0:
+      raise ValueError(f"ema_update_after_step={self.update_after_step}: must be >= 0")
+
+  def decay_at(self, update):
+    """d_u of update u (1-based, traced int)."""
+    n = (update - self.update_after_step - 1).astype(jnp.float32)
+    if not self.ramp:
+      return jnp.where(update <= self.update_after_step, 0.0, jnp.float32(self.decay))
+    return jnp.where(n <= 0, 0.0, jnp.minimum(jnp.float32(self.decay), (1.0 + n) / (10.0 + n)))
+
+
+def ema_settings(config) -> EmaSettings | None:
+  """config's EMA, or None when use_ema is off."""
+  if not config.use_ema:
+    return None
+  return EmaSettings(decay=config.ema_decay, update_after_step=config.ema_update_after_step, ramp=config.ema_ramp)
+
+
+def update_ema(ema: dict, params: dict, decay) -> dict:
+  # d * ema + (1 - d) * p rather than ema + (1 - d) * (p - ema): exactly p at d = 0 and exactly ema at d = 1
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p.astype(jnp.float32), ema, params)
+
+
+def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: LossSettings, base=None):
   """Per-example MSE (B,) of one micro-batch; the family says how the text and image conditioning reach its
-  denoiser.
+  denoiser. With `base` (base_modules) the class examples' target is the base's prediction (one extra forward,
+  without gradients).
 
   Each example draws its posterior sample, noise and timestep from fold_in(rng, its global slot in the step's
   batch), so the loss is the same however the batch is split over processes, devices and micro-batches."""
@@ -49,10 +109,10 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
   draw = lambda fn, k: jax.vmap(fn)(keys_B4[:, k])
   shape_HWC = mean.shape[1:]
   x0 = vae.scale_latents(mean + std * draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 0))
-  if all(k in micro for k in family.TEXT_KEYS):  # cached embeddings of the frozen text encoders
-    text = {k: micro[k] for k in family.TEXT_KEYS}
-  else:
-    text = family.encode_text(modules, {k: micro[k] for k in family.ID_KEYS})
+  cached = all(k in micro for k in family.TEXT_KEYS)  # cached embeddings of the frozen text encoders
+  encode = lambda m: {k: micro[k] for k in family.TEXT_KEYS} if cached else family.encode_text(
+      m, {k: micro[k] for k in family.ID_KEYS})
+  text = encode(modules)
   image = {k: micro[k] for k in family.image_conditioning_keys()}
   noise = draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 1)
   if settings.offset_noise:
@@ -60,6 +120,9 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
   t_B = draw(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps), 3)
   x_t = schedule_lib.add_noise(schedule, x0, noise, t_B)
   target = schedule_lib.training_target(schedule, x0, noise, t_B)
+  if base is not None:
+    base_prediction = jax.lax.stop_gradient(family.denoise(base, x_t, t_B, encode(base), image).astype(jnp.float32))
+    target = jnp.where(micro["prior"][:, None, None, None] > 0, base_prediction, target)
   prediction = family.denoise(modules, x_t, t_B, text, image).astype(jnp.float32)
   mse_B = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
   if settings.snr_gamma:
@@ -77,10 +140,11 @@ def combine_losses(mse_B, prior_B, prior_loss_weight: float):
 
 
 def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
-                    settings: LossSettings):
+                    settings: LossSettings, ema: EmaSettings | None = None):
   """Returns train_step(state, batch, rng, frozen) -> (state, metrics).
 
-  state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ...} (donated)
+  state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ..., ["ema": float32 copy of
+          params, with `ema`]} (donated)
   batch:  arrays with a leading gradient-accumulation axis (A, B, ...), the schema of data.batches.batch_schema:
           "pixels" or "latent_mean"/"latent_std", the family's ID_KEYS or cached TEXT_KEYS, its image
           conditioning, "prior" (B,) flags and "slot" (B,) the examples' positions in the step's whole batch
@@ -94,7 +158,8 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
     modules = merge_modules(graphdefs, params, frozen)
     for module in modules.values():  # LoRA dropout (if any) draws from the micro-batch's key
       lora_lib.set_dropout_key(module, jax.random.fold_in(micro_rng, 1))
-    mse_B = example_losses(family, modules, frozen["schedule"], micro, example_rng, settings)
+    base = base_modules(graphdefs, params, frozen, settings)
+    mse_B = example_losses(family, modules, frozen["schedule"], micro, example_rng, settings, base)
     loss, (instance_loss, prior_loss) = combine_losses(mse_B, micro["prior"], settings.prior_loss_weight)
     return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
 
@@ -129,6 +194,10 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
     for group, lr in schedules.items():
       metrics["lr" if group == family.DENOISER else f"lr_{group}"] = lr(state["step"])
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state}
+    if ema is not None:
+      decay = ema.decay_at(new_state["step"])
+      new_state["ema"] = update_ema(state["ema"], new_params, decay)
+      metrics["ema_decay"] = decay
     return new_state, metrics
 
   return train_step
@@ -162,5 +231,8 @@ def pure_params(module: nnx.Module) -> dict:
   return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
-def init_train_state(params: dict, tx: optax.GradientTransformation) -> dict[str, Any]:
-  return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+def init_train_state(params: dict, tx: optax.GradientTransformation, ema: bool = False) -> dict[str, Any]:
+  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+  if ema:  # float32 whatever param_dtype (lr-sized changes average below bf16's resolution); a copy, not an alias
+    state["ema"] = jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+  return state
