@@ -3,7 +3,6 @@ newest good one restores; with none restorable, CheckpointError names them and n
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from dreambooth_jax.training import checkpoint

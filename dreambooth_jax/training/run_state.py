@@ -140,7 +140,7 @@ def trainable_state(pipe: Pipeline, config) -> tuple[dict, dict, dict]:
     for name in params:
       if f"{name}_base" not in frozen:
         if name != pipe.family.DENOISER:
-          raise ValueError(f"prior_preservation='base_output' with train_text_encoder=True: the base's text encoder "
+          raise ValueError("prior_preservation='base_output' with train_text_encoder=True: the base's text encoder "
                            "would need a frozen copy too; set lora.text_encoder=True (with lora.enabled) or "
                            "train_text_encoder=False")
         frozen[f"prior_{name}"] = jax.tree.map(_copy, params[name])
