@@ -2,9 +2,10 @@
 bucket) and sampler from disk instead of compiling them again.
 
 config.compilation_cache_dir: "auto" = $JAX_COMPILATION_CACHE_DIR when set, else
-$XDG_CACHE_HOME/dreambooth_jax/xla (~/.cache/dreambooth_jax/xla); a path = that folder; "" = off. JAX keeps only
-executables that took at least jax_persistent_cache_min_compile_time_secs (1 s; $JAX_PERSISTENT_CACHE_MIN_COMPILE_
-TIME_SECS) to compile. A cached executable is the same code: results are bitwise those of a fresh compile.
+$XDG_CACHE_HOME/dreambooth_jax/xla (~/.cache/dreambooth_jax/xla); a path = that folder; "" = off. Every
+executable is kept, however quick its compile (JAX's default keeps only those over 1 s; the many small eager
+programs of a random-weight init then dominate a warm start): $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS, when
+set, is left in force. A cached executable is the same code: results are bitwise those of a fresh compile.
 """
 
 import os
@@ -40,5 +41,7 @@ def enable(config) -> pathlib.Path | None:
   jax.config.update("jax_enable_compilation_cache", True)
   if jax.config.jax_compilation_cache_dir != str(folder):
     jax.config.update("jax_compilation_cache_dir", str(folder))
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   logging.info("persistent compilation cache: %s", folder)
   return folder

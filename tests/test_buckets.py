@@ -190,3 +190,10 @@ def test_bucketed_kill_9_and_rerun_repeat_losses_and_bucket_order(bucketed_run, 
   assert sorted(got) == sorted(want)
   for step in want:  # bitwise on CPU, and the same bucket at every step
     assert (got[step]["bucket"], got[step]["loss"]) == (want[step]["bucket"], want[step]["loss"]), step
+
+
+def test_dry_run_plans_the_largest_bucket_of_the_set(capsys):
+  from dreambooth_jax.training import run
+  step = run.dry_run(fast_config(*BUCKETED, "with_prior_preservation=False"))
+  # 32 px area, sides 16..64: 16x64 and 64x16 hold as many pixels as 32x32; the taller is planned
+  assert list(step.fns) == [(64, 16)] and "largest bucket 64x16 (HxW) of 5" in capsys.readouterr().out
