@@ -2,7 +2,6 @@
 preservation and validation run, a resumed run repeats the same losses, and every export format loads."""
 
 import copy
-import json
 import shutil
 import subprocess
 import sys

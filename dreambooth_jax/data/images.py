@@ -242,6 +242,8 @@ class SubjectIterator:
   def set_state(self, state: dict):
     if state.get("seed", self.seed) != self.seed:
       raise ValueError(f"data iterator state has seed {state['seed']}, this run uses {self.seed}")
+    if "position" not in state:
+      raise ValueError(f"data iterator state {state} is a bucketed run's; this run has enable_bucket=False")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
