@@ -32,6 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.random_flip = False
   c.on_bad_image = "error"  # or "skip"
   c.cache_latents = True  # cache VAE posteriors (needs center_crop) and frozen text embeddings
+  # Aspect-ratio buckets (kohya's settings): each image goes to the bucket of nearest aspect ratio among kohya's
+  # make_bucket_resolutions, of about resolution^2 pixels, is resized to cover it and cropped (centred with
+  # center_crop=True; center_crop=False is kohya's random_crop). One compiled step per bucket in use.
+  c.enable_bucket = False  # False: every image resized and cropped to the square resolution
+  c.min_bucket_reso = 256  # the shortest bucket side (a multiple of bucket_reso_steps)
+  c.max_bucket_reso = 1024  # the longest bucket side (a multiple of bucket_reso_steps)
+  c.bucket_reso_steps = 64  # bucket sides are multiples of this (and it of the model's size multiple)
   # Class-image generation (prior preservation).
   c.sample_batch_size = 4
   c.class_generation_steps = 50
@@ -75,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.snr_weighting = "min_snr"
   c.offset_noise = 0.0  # 0 = off; 0.1 as diffusers' --offset_noise
   c.seed = 0
+  # JAX's persistent compilation cache (reruns and resumes skip compiling): "auto" = $JAX_COMPILATION_CACHE_DIR
+  # when set, else ~/.cache/dreambooth_jax/xla ($XDG_CACHE_HOME respected); a folder; "" = off
+  c.compilation_cache_dir = "auto"
   # Parallelism: mesh axis sizes (-1 = all remaining devices).
   c.mesh_data = -1
   c.mesh_fsdp = 1

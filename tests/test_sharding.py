@@ -14,6 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from dreambooth_jax import sharding
+from test_train import step_records
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = str(ROOT / "tests")
@@ -95,7 +96,8 @@ from dreambooth_jax.training import checkpoint
 from dreambooth_jax.training import run, run_state
 workdir = pathlib.Path({workdir!r})
 config = fast_config("train_batch_size=4", "max_train_steps=3", "checkpointing_steps=3", "validation_steps=0",
-                     "export_at_end=False", "mesh_data=1", "mesh_fsdp=4", "with_prior_preservation=False")
+                     "export_at_end=False", "mesh_data=1", "mesh_fsdp=4", "with_prior_preservation=False",
+                     "compilation_cache_dir=")  # off: the processes compile at once (no shared cache)
 job = run.train(config, workdir)
 params = sharding.to_host(job.state["params"])
 step, state, side = checkpoint.restore(job.mgr, None, checkpoint.abstract_like(job.state, job.state_shardings))
@@ -141,8 +143,8 @@ def test_two_processes_train_save_restore_and_agree(tmp_path):
   assert all(o["restored_step"] == 3 and o["restored_equal"] for o in outs)
   assert all(o["cross_process_params"] for o in outs)  # FSDP really spans the two processes
   assert outs[0]["sums"] == outs[1]["sums"]
-  two = [json.loads(line)["loss"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
-  one = [json.loads(line)["loss"] for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+  two = [r["loss"] for r in step_records(tmp_path / "two")]
+  one = [r["loss"] for r in step_records(tmp_path / "one")]
   assert len(two) == 3
   np.testing.assert_allclose(two, one, rtol=1e-5)
 

@@ -35,13 +35,17 @@ def train_command(workdir, *overrides):
           *(f"--config.{o}" for o in (*FAST, *overrides))]
 
 
+def step_records(workdir) -> list[dict]:
+  """metrics.jsonl's step records (not the compile events)."""
+  metrics = pathlib.Path(workdir) / "metrics.jsonl"
+  lines = metrics.read_text().splitlines() if metrics.is_file() else []
+  return [r for r in map(json.loads, lines) if "step" in r]
+
+
 def read_losses(workdir) -> dict[int, float]:
-  losses = {}
-  for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
-    record = json.loads(line)
-    if "loss" in record:  # step records (validation-loss records have val/* keys instead)
-      losses[record["step"]] = record["loss"]  # a resumed run re-logs steps after the checkpoint: keep the last
-  return losses
+  # step records with a loss (validation-loss records have val/* keys instead); a resumed run re-logs steps after
+  # the checkpoint: keep the last
+  return {record["step"]: record["loss"] for record in step_records(workdir) if "loss" in record}
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +62,12 @@ def test_tiny_run_learns_checkpoints_and_exports(full_run):
   assert sorted(losses) == list(range(1, 31))
   first, last = np.mean([losses[s] for s in range(1, 11)]), np.mean([losses[s] for s in range(21, 31)])
   assert last < 0.8 * first, (first, last)
-  record = json.loads((full_run / "metrics.jsonl").read_text().splitlines()[0])
-  assert {"step", "loss", "instance_loss", "prior_loss", "grad_norm", "lr", "step_time", "images_per_s"} <= set(record)
+  record = step_records(full_run)[0]
+  assert {"step", "loss", "instance_loss", "prior_loss", "grad_norm", "lr", "step_time", "images_per_s",
+          "bucket"} <= set(record) and record["bucket"] == [32, 32]
+  compiles = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()
+              if "event" in json.loads(line)]
+  assert [(c["what"], c["bucket"]) for c in compiles] == [("train_step", [32, 32])]
   config = json.loads((full_run / "config.json").read_text())
   assert config["max_train_steps"] == 30 and config["resolution"] == 32
   assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["20", "30"]
@@ -97,9 +105,8 @@ def test_export_loads_in_diffusers_torch_and_generates(full_run, tmp_path):
 
 
 def last_logged_step(workdir) -> int:
-  metrics = workdir / "metrics.jsonl"
-  lines = metrics.read_text().splitlines() if metrics.is_file() else []
-  return json.loads(lines[-1])["step"] if lines else 0
+  records = step_records(workdir)
+  return records[-1]["step"] if records else 0
 
 
 def wait_for(proc, condition, what: str, timeout: float = 400):

@@ -2,7 +2,6 @@
 preservation and validation run, a resumed run repeats the same losses, and every export format loads."""
 
 import copy
-import json
 import shutil
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from test_train import fast_config, read_losses
+from test_train import fast_config, read_losses, step_records
 
 STEPS = 20
 
@@ -38,7 +37,7 @@ def test_lora_run_trains_only_the_factors(lora_run):
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert np.mean([losses[s] for s in range(11, 21)]) < np.mean([losses[s] for s in range(1, 11)])
   assert all(np.isfinite(list(losses.values())))
-  assert json.loads((lora_run / "metrics.jsonl").read_text().splitlines()[0])["prior_loss"] > 0
+  assert step_records(lora_run)[0]["prior_loss"] > 0
   assert (lora_run / "validation" / f"step_{STEPS:06d}.png").is_file()
   # The checkpoint holds the LoRA factors (and their Adam moments) only: a tiny fraction of the UNet.
   def item(name):  # params and opt_state are separate Orbax items (training/checkpoint.py)

@@ -4,6 +4,9 @@ Each process draws only its slice of the global batch (data.SubjectIterator) and
 jax.make_array_from_process_local_data. With center crops an example is fully determined by (image, flip), so the
 frozen VAE's posterior (mean, std) is computed once per variant and the per-step latent sample is drawn inside the
 train step; with a frozen text encoder the embeddings of each distinct caption are computed once too.
+
+With config.enable_bucket (data/buckets.py) each step's examples share one bucket (H, W): `bucket` after next_batch
+says which, so the run calls that bucket's compiled step; the posteriors are cached per image at its bucket's size.
 """
 
 import dataclasses
@@ -16,7 +19,7 @@ from absl import logging
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.data import images as data_lib
+from dreambooth_jax.data import buckets as buckets_lib, images as data_lib
 
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
@@ -58,7 +61,7 @@ def describe_batch(config) -> str:
           f"{' x 2 with prior preservation' if config.with_prior_preservation else ''})")
 
 
-def batch_schema(config, pipe) -> dict:
+def batch_schema(config, pipe, bucket: tuple[int, int] | None = None) -> dict:
   """The one definition of a micro-batch: {key: (per-example shape, dtype)}. TrainData yields these keys (with
   leading (accumulation, example) axes), the memory plan and the AOT compile build abstract batches from it, and
   the train step reads them.
@@ -67,26 +70,46 @@ def batch_schema(config, pipe) -> dict:
     latent_mean, latent_std (h, w, C)      the frozen VAE's cached posterior  | pixels (H, W, 3) in [-1, 1]
     the family's TEXT_KEYS (cached)        | its ID_KEYS (token ids, when a text encoder runs in the step)
     the family's image conditioning        (SDXL's time ids)
+
+  (H, W) is the bucket's, or the square resolution.
   """
-  family, res = pipe.family, config.resolution
+  family = pipe.family
+  height, width = bucket or (config.resolution, config.resolution)
   factor = family.latent_factor(pipe.configs)
   schema = {"prior": ((), jnp.float32), "slot": ((), jnp.int32)}
   if caches_latents(config):
-    latent = (res // factor, res // factor, pipe.configs["vae"]["latent_channels"])
+    latent = (height // factor, width // factor, pipe.configs["vae"]["latent_channels"])
     schema.update(latent_mean=(latent, jnp.float32), latent_std=(latent, jnp.float32))
   else:
-    schema["pixels"] = ((res, res, 3), jnp.float32)
+    schema["pixels"] = ((height, width, 3), jnp.float32)
   schema.update(family.text_spec(pipe) if caches_text(config) else family.ids_spec(pipe))
   schema.update(family.image_conditioning_spec(pipe))
   return schema
 
 
-def batch_spec(config, pipe, mesh) -> dict:
-  """ShapeDtypeStructs (with shardings) of the batches TrainData.next_batch yields for this config."""
+def batch_spec(config, pipe, mesh, bucket: tuple[int, int] | None = None) -> dict:
+  """ShapeDtypeStructs (with shardings) of the batches TrainData.next_batch yields for this config (and bucket)."""
   accum, batch = config.gradient_accumulation_steps, global_batch_size(config)
   sharding = sharding_lib.accumulation_batch_sharding(mesh, batch)
   return {k: jax.ShapeDtypeStruct((accum, batch, *shape), dtype, sharding=sharding)
-          for k, (shape, dtype) in batch_schema(config, pipe).items()}
+          for k, (shape, dtype) in batch_schema(config, pipe, bucket).items()}
+
+
+def bucket_choices(config) -> list[tuple[int, int]] | None:
+  """The config's (H, W) buckets, None when bucketing is off."""
+  return buckets_lib.bucket_set(config) if config.get("enable_bucket") else None
+
+
+def load_instance_images(config) -> data_lib.SubjectImages:
+  """The instance photos (each in its bucket when bucketing): the run reads them before compiling, to know the
+  buckets in use."""
+  return _load_images("instance_data_dir", pathlib.Path(config.instance_data_dir or BUNDLED_DOG), config.resolution,
+                      config.instance_prompt, config.on_bad_image, bucket_choices(config))
+
+
+def used_buckets(config, instance: data_lib.SubjectImages) -> list[tuple[int, int]]:
+  """The shapes the run trains at: the instance images' buckets, or the one square."""
+  return sorted(set(instance.buckets)) if instance.buckets else [(config.resolution, config.resolution)]
 
 
 @nnx.jit
@@ -99,15 +122,16 @@ def _encode_text(family, modules, ids):
   return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
 
 
-def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str):
+def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str, buckets=None):
   try:
-    return data_lib.load_subject_images(folder, resolution, caption, on_bad_image=on_bad_image)
+    return data_lib.load_subject_images(folder, resolution, caption, on_bad_image=on_bad_image, buckets=buckets)
   except FileNotFoundError as e:  # the key to change, for the CLI's one-line error
     raise FileNotFoundError(f"{key}: {e}") from None
 
 
 class TrainData:
-  def __init__(self, config, pipe, mesh, workdir: pathlib.Path):
+  def __init__(self, config, pipe, mesh, workdir: pathlib.Path, instance: data_lib.SubjectImages | None = None):
+    """instance: the already loaded instance images (load_instance_images), else loaded here."""
     self.config, self.mesh = config, mesh
     processes, index = jax.process_count(), jax.process_index()
     if config.train_batch_size % processes:
@@ -118,22 +142,37 @@ class TrainData:
     if self.global_batch_size % mesh.shape["data"]:  # run.make_mesh refuses this first, with the levers
       raise ValueError(f"{describe_batch(config)} does not divide over mesh_data={mesh.shape['data']}")
     local = config.train_batch_size // processes
-    instance_dir = pathlib.Path(config.instance_data_dir or BUNDLED_DOG)
-    self.sets = {"instance": _load_images("instance_data_dir", instance_dir, config.resolution,
-                                          config.instance_prompt, config.on_bad_image)}
+    self.sets = {"instance": instance or load_instance_images(config)}
+    self.buckets = used_buckets(config, self.sets["instance"])
+    self.bucketed = self.sets["instance"].buckets is not None
+    self.bucket = self.buckets[0]  # the bucket of the last batch (next_batch sets it)
     if uses_base_output(config):  # drawn on their own: another order than the instance examples'
-      instance = self.sets["instance"]
-      self.sets["class"] = dataclasses.replace(instance, captions=[config.class_prompt] * len(instance.paths))
+      photos = self.sets["instance"]
+      self.sets["class"] = dataclasses.replace(photos, captions=[config.class_prompt] * len(photos.paths))
     elif self.with_prior:
       class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
       self.sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
-                                        config.on_bad_image)
-    self.iterators = {
-        name: data_lib.SubjectIterator(images, local, seed=config.seed + k, center_crop=config.center_crop,
-                                       random_flip=config.random_flip, process_index=index,
-                                       process_count=processes, with_pixels=not caches_latents(config))
-        for k, (name, images) in enumerate(self.sets.items())}
+                                        config.on_bad_image, self.buckets if self.bucketed else None)
+    settings = dict(center_crop=config.center_crop, random_flip=config.random_flip, process_index=index,
+                    process_count=processes, with_pixels=not caches_latents(config))
+    if self.bucketed:
+      accum = config.gradient_accumulation_steps
+      self.iterators = {"instance": buckets_lib.BucketIterator(self.sets["instance"], local, accum, seed=config.seed,
+                                                               **settings)}
+      if self.with_prior:
+        missing = sorted(set(self.buckets) - set(self.sets["class"].buckets))
+        if missing:
+          raise ValueError(f"class_data_dir={class_dir}: no class image in bucket(s) "
+                           f"{[buckets_lib.name(b) for b in missing]}; add some or let the run generate them")
+        self.iterators["class"] = buckets_lib.ClassBucketIterator(self.sets["class"], local, accum,
+                                                                  seed=config.seed + 1, **settings)
+    else:
+      self.iterators = {name: data_lib.SubjectIterator(images, local, seed=config.seed + k, **settings)
+                        for k, (name, images) in enumerate(self.sets.items())}
     logging.info("training on %s", {k: len(v.paths) for k, v in self.sets.items()})
+    if self.bucketed:
+      counts = {buckets_lib.name(b): sum(1 for x in self.sets["instance"].buckets if x == b) for b in self.buckets}
+      logging.info("instance images per bucket (HxW): %s", counts)
 
     self.schema = batch_schema(config, pipe)
     self.latents = None
@@ -150,28 +189,29 @@ class TrainData:
       self.text_table = {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in self.family.TEXT_KEYS}
 
   def _cache_latents(self, vae, images) -> dict:
-    """Posterior mean/std per (image, flip): arrays (N, 2, h, w, C)."""
+    """Posterior mean/std per image: arrays (2, h, w, C) (unflipped, flipped) at the image's own size."""
     means, stds = [], []
     for i in range(len(images.paths)):
       pixels = np.stack([data_lib.center_crop_pixels(images, i, flip) for flip in (False, True)])
       mean, std = _encode(vae, pixels)
       means.append(np.asarray(mean))
       stds.append(np.asarray(std))
-    return {"mean": np.stack(means), "std": np.stack(stds)}
+    return {"mean": means, "std": stds}
 
-  def _part(self, name: str, example: dict, offset: int) -> dict:
-    """A SubjectIterator batch of set `name` as batch_schema arrays; slots start at `offset`."""
+  def _part(self, name: str, example: dict, offset: int, size: tuple[int, int]) -> dict:
+    """An iterator's examples of set `name` as batch_schema arrays; slots start at `offset`; size: the (H, W)
+    trained at (SDXL's target-size conditioning)."""
     part = {"prior": np.full(len(example["index_B"]), name == "class", np.float32),
             "slot": example["slot_B"] + offset}
     if self.latents is not None:
       table = self.latents[name]
-      flips = example["flip_B"].astype(np.int32)
-      part["latent_mean"] = table["mean"][example["index_B"], flips]
-      part["latent_std"] = table["std"][example["index_B"], flips]
+      rows = list(zip(example["index_B"], example["flip_B"].astype(np.int32)))
+      part["latent_mean"] = np.stack([table["mean"][i][f] for i, f in rows])
+      part["latent_std"] = np.stack([table["std"][i][f] for i, f in rows])
     else:
       part["pixels"] = example["pixels_BHWC"]
     part.update(self.family.training_image_conditioning(example["original_size_B2"], example["crop_top_left_B2"],
-                                                        self.config.resolution))
+                                                        size))
     if self.caches_text:
       rows = [self.caption_rows[c] for c in example["caption_B"]]
       part.update({k: table[rows] for k, table in self.text_table.items()})
@@ -181,25 +221,40 @@ class TrainData:
 
   def fixed_examples(self, name: str, count: int, first_slot: int = 0) -> dict:
     """`count` examples of set `name` (all of it, or a seeded choice), centre-cropped, not flipped, whatever the
-    training's crop and flip settings, with slots first_slot, first_slot + 1, ...: the validation loss's."""
+    training's crop and flip settings, with slots first_slot, first_slot + 1, ...: the validation loss's. Square
+    runs only (buckets.check_settings refuses validation_loss with buckets)."""
     it = data_lib.SubjectIterator(self.sets[name], count, seed=self.config.seed, center_crop=True,
                                   random_flip=False, process_index=0, process_count=1,
                                   with_pixels=self.latents is None)
-    return self._part(name, next(it), first_slot)
+    return self._part(name, next(it), first_slot, (self.config.resolution, self.config.resolution))
 
-  def _local_micro_batch(self, micro: int) -> dict:
+  def _step_examples(self) -> list[dict]:
+    """Per micro-batch, {set name: this process's examples}: each step's examples share one bucket."""
+    if not self.bucketed:
+      return [{name: next(it) for name, it in self.iterators.items()}
+              for _ in range(self.config.gradient_accumulation_steps)]
+    self.bucket, instance = next(self.iterators["instance"])
+    step = {"instance": instance}
+    if self.with_prior:
+      step["class"] = self.iterators["class"].next_for(self.bucket)
+    local = len(instance["index_B"]) // self.config.gradient_accumulation_steps
+    return [{name: {k: v[a * local:(a + 1) * local] for k, v in examples.items()} for name, examples in step.items()}
+            for a in range(self.config.gradient_accumulation_steps)]
+
+  def _local_micro_batch(self, micro: int, examples: dict) -> dict:
     parts = []
-    for name, it in self.iterators.items():
+    for name, example in examples.items():
       # slot: the example's position in the step's whole batch (its noise key), across micro-batches
       offset = micro * self.global_batch_size + (self.config.train_batch_size if name == "class" else 0)
-      parts.append(self._part(name, next(it), offset))
+      parts.append(self._part(name, example, offset, self.bucket))
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     if set(batch) != set(self.schema):  # one schema: what the step was compiled for
       raise AssertionError(f"batch keys {sorted(batch)} differ from the schema {sorted(self.schema)}")
     return batch
 
   def next_batch(self) -> dict:
-    micro = [self._local_micro_batch(a) for a in range(self.config.gradient_accumulation_steps)]
+    """The next step's global batch; self.bucket is then its (H, W)."""
+    micro = [self._local_micro_batch(a, examples) for a, examples in enumerate(self._step_examples())]
     local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
     sharding = sharding_lib.accumulation_batch_sharding(self.mesh, self.global_batch_size)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

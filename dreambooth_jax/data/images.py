@@ -2,7 +2,9 @@
 
 Every file is decoded and checked once, up front: a broken image stops the run before training with every bad
 file named (or is skipped and logged with on_bad_image="skip"). Each image is stored resized so its short side is
-`resolution`; per step only crop, flip and normalisation remain. Crops and flips are pure functions of
+`resolution` (with
+aspect-ratio buckets, data/buckets.py: resized to cover its bucket); per step only crop, flip and normalisation
+remain. Crops and flips are pure functions of
 (seed, epoch, position), so an iterator restored from its state yields exactly what the original would have.
 """
 
@@ -61,6 +63,16 @@ def resize_short_side(image: Image.Image, resolution: int, name: str = "") -> np
   return np.asarray(image.resize(size, Image.BILINEAR), dtype=np.uint8)
 
 
+def resize_to_cover(image: Image.Image, bucket, name: str = "") -> np.ndarray:
+  """Resized (bilinear) to cover the bucket (H, W), as kohya scales it; uint8 HWC."""
+  from dreambooth_jax.data import buckets as buckets_lib  # noqa: PLC0415 (buckets builds on this module)
+  h, w = buckets_lib.cover_size(image.height, image.width, bucket)
+  if h > image.height or w > image.width:
+    logging.warning("%s: %dx%d is smaller than its bucket %s; upscaling", name, image.width, image.height,
+                    buckets_lib.name(bucket))
+  return np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
 def load_image(path, resolution: int) -> np.ndarray:
   path = pathlib.Path(path)
   return resize_short_side(open_image(path), resolution, str(path))
@@ -94,24 +106,35 @@ def read_captions(folder: pathlib.Path, names: set[str]) -> dict[str, str]:
 class SubjectImages:
   paths: list[pathlib.Path]
   captions: list[str]
-  images: list[np.ndarray]  # uint8 HWC, short side == resolution
+  images: list[np.ndarray]  # uint8 HWC, short side == resolution (or covering its bucket)
   resolution: int
   original_sizes: list[tuple[int, int]]  # (height, width) as decoded (EXIF-rotated), before resizing
+  buckets: list[tuple[int, int]] | None = None  # each image's bucket (H, W) when bucketed
+
+  def target_size(self, index: int) -> tuple[int, int]:
+    """(H, W) the image is cropped to: its bucket, or the square resolution."""
+    return self.buckets[index] if self.buckets else (self.resolution, self.resolution)
 
 
-def load_subject_images(folder, resolution: int, default_caption: str,
-                        on_bad_image: str = "error") -> SubjectImages:
+def load_subject_images(folder, resolution: int, default_caption: str, on_bad_image: str = "error",
+                        buckets=None) -> SubjectImages:
+  """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution."""
+  from dreambooth_jax.data import buckets as buckets_lib  # noqa: PLC0415
   folder = pathlib.Path(folder)
   if on_bad_image not in ("error", "skip"):
     raise ValueError(f"on_bad_image={on_bad_image!r}: use 'error' or 'skip'")
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: image folder missing")
   candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-  paths, images, sizes, bad = [], [], [], []
+  paths, images, sizes, chosen, bad = [], [], [], [], []
   for path in candidates:
     try:
       image = open_image(path)
-      images.append(resize_short_side(image, resolution, str(path)))
+      if buckets:
+        chosen.append(buckets_lib.select_bucket(image.height, image.width, buckets))
+        images.append(resize_to_cover(image, chosen[-1], str(path)))
+      else:
+        images.append(resize_short_side(image, resolution, str(path)))
       sizes.append((image.height, image.width))
       paths.append(path)
     except Exception as e:  # PIL raises many types for broken files
@@ -126,18 +149,51 @@ def load_subject_images(folder, resolution: int, default_caption: str,
     raise BadImagesError(f"{folder}: no usable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
   captions = read_captions(folder, {p.name for p in paths})
   return SubjectImages(paths=paths, captions=[captions.get(p.name, default_caption) for p in paths],
-                       images=images, resolution=resolution, original_sizes=sizes)
+                       images=images, resolution=resolution, original_sizes=sizes, buckets=chosen or None)
 
 
-def crop(image: np.ndarray, resolution: int, top: int, left: int, flip: bool) -> np.ndarray:
-  out = image[top:top + resolution, left:left + resolution]
+def crop(image: np.ndarray, size: tuple[int, int], top: int, left: int, flip: bool) -> np.ndarray:
+  out = image[top:top + size[0], left:left + size[1]]
   return out[:, ::-1] if flip else out
 
 
 def center_crop_pixels(images: SubjectImages, index: int, flip: bool) -> np.ndarray:
-  image, r = images.images[index], images.resolution
+  image, (th, tw) = images.images[index], images.target_size(index)
   h, w = image.shape[:2]
-  return to_pixels(crop(image, r, (h - r) // 2, (w - r) // 2, flip))
+  return to_pixels(crop(image, (th, tw), (h - th) // 2, (w - tw) // 2, flip))
+
+
+def make_example(images: SubjectImages, index: int, rng: np.random.Generator, center_crop: bool,
+                 random_flip: bool) -> tuple[bool, np.ndarray, tuple[int, int]]:
+  """(flip, uint8 crop, crop top-left) of image `index` at its target size; rng decides the flip and a random
+  crop."""
+  flip = bool(random_flip and rng.random() < 0.5)
+  image, (th, tw) = images.images[index], images.target_size(index)
+  h, w = image.shape[:2]
+  if center_crop:
+    top, left = (h - th) // 2, (w - tw) // 2
+  else:
+    top, left = int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))
+  # SDXL's crop conditioning: the crop's top-left in the (flipped) resized image, as diffusers' SDXL scripts
+  # flip before cropping
+  return flip, crop(image, (th, tw), top, left, flip), (top, w - left - tw if flip else left)
+
+
+def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels: bool) -> dict:
+  """rows: (index, flip, uint8 crop, crop top-left) per example -> the iterators' batch dict."""
+  batch = {
+      "index_B": np.array([r[0] for r in rows], np.int32),
+      "flip_B": np.array([r[1] for r in rows], bool),
+      "caption_B": [images.captions[r[0]] for r in rows],
+      "original_size_B2": np.array([images.original_sizes[r[0]] for r in rows], np.int32).reshape(-1, 2),
+      "crop_top_left_B2": np.array([r[3] for r in rows], np.int32).reshape(-1, 2),
+      # position in the global batch: what the trainer's per-example noise is keyed on, so the draws do not
+      # depend on how the batch is laid out over processes and devices
+      "slot_B": slots_B,
+  }
+  if with_pixels:  # off when the trainer reads cached latents by (index, flip) instead
+    batch["pixels_BHWC"] = np.stack([to_pixels(r[2]) for r in rows])
+  return batch
 
 
 class SubjectIterator:
@@ -161,17 +217,7 @@ class SubjectIterator:
     n = len(self.images.paths)
     index = int(np.random.default_rng((self.seed, epoch)).permutation(n)[position])
     rng = np.random.default_rng((self.seed, epoch, position, 1))
-    flip = bool(self.random_flip and rng.random() < 0.5)
-    image, r = self.images.images[index], self.images.resolution
-    h, w = image.shape[:2]
-    if self.center_crop:
-      top, left = (h - r) // 2, (w - r) // 2
-    else:
-      top, left = int(rng.integers(0, h - r + 1)), int(rng.integers(0, w - r + 1))
-    # SDXL's crop conditioning: the crop's top-left in the (flipped) resized image, as diffusers' SDXL scripts
-    # flip before cropping
-    crop_top_left = (top, w - left - r if flip else left)
-    return index, flip, crop(image, r, top, left, flip), crop_top_left
+    return index, *make_example(self.images, index, rng, self.center_crop, self.random_flip)
 
   def _advance(self):
     self.position += 1
@@ -187,19 +233,8 @@ class SubjectIterator:
       if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
         rows.append(self._example(self.epoch, self.position))
       self._advance()
-    batch = {
-        "index_B": np.array([r[0] for r in rows], np.int32),
-        "flip_B": np.array([r[1] for r in rows], bool),
-        "caption_B": [self.images.captions[r[0]] for r in rows],
-        "original_size_B2": np.array([self.images.original_sizes[r[0]] for r in rows], np.int32).reshape(-1, 2),
-        "crop_top_left_B2": np.array([r[3] for r in rows], np.int32).reshape(-1, 2),
-        # position in the global batch: what the trainer's per-example noise is keyed on, so the draws do not
-        # depend on how the batch is laid out over processes and devices
-        "slot_B": np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32),
-    }
-    if self.with_pixels:  # off when the trainer reads cached latents by (index, flip) instead
-      batch["pixels_BHWC"] = np.stack([to_pixels(r[2]) for r in rows])
-    return batch
+    slots = np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32)
+    return rows_to_batch(self.images, rows, slots, self.with_pixels)
 
   def get_state(self) -> dict:
     return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
@@ -207,6 +242,8 @@ class SubjectIterator:
   def set_state(self, state: dict):
     if state.get("seed", self.seed) != self.seed:
       raise ValueError(f"data iterator state has seed {state['seed']}, this run uses {self.seed}")
+    if "position" not in state:
+      raise ValueError(f"data iterator state {state} is a bucketed run's; this run has enable_bucket=False")
     self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

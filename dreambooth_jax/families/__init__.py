@@ -10,7 +10,7 @@
   zero_unconditional(configs, negative_prompts)       whether guidance's unconditional text is zeros
   image_conditioning_keys(), image_conditioning_spec(pipeline)
                                                       per-example inputs besides latents and text (SDXL time ids),
-  training_image_conditioning(original_size, crop_top_left, resolution), sampling_image_conditioning(h, w, batch)
+  training_image_conditioning(original_size, crop_top_left, (H, W)), sampling_image_conditioning(h, w, batch)
                                                       and their values in training and sampling
   denoise(modules, x_BHWC, t_B, text, image)          the denoiser's prediction
   is_single_file, single_file_config, from_single_file, to_single_file, single_file_names

@@ -91,8 +91,8 @@ def sampling_image_conditioning(height: int, width: int, batch: int) -> dict:
   return {}
 
 
-def training_image_conditioning(original_size_B2, crop_top_left_B2, resolution: int) -> dict:
-  del original_size_B2, crop_top_left_B2, resolution
+def training_image_conditioning(original_size_B2, crop_top_left_B2, target_size: tuple[int, int]) -> dict:
+  del original_size_B2, crop_top_left_B2, target_size
   return {}
 
 

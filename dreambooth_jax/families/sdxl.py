@@ -102,9 +102,10 @@ def sampling_image_conditioning(height: int, width: int, batch: int) -> dict:
   return {"time_ids": time_ids(size, np.zeros_like(size), size)}
 
 
-def training_image_conditioning(original_size_B2, crop_top_left_B2, resolution: int) -> dict:
-  """Each image's real original size and crop (recorded by the data pipeline), target = the training size."""
-  target = np.full_like(np.asarray(original_size_B2), resolution)
+def training_image_conditioning(original_size_B2, crop_top_left_B2, target_size: tuple[int, int]) -> dict:
+  """Each image's real original size and crop (recorded by the data pipeline), target = the training (H, W): the
+  square resolution, or the batch's bucket."""
+  target = np.tile(np.asarray(target_size, np.asarray(original_size_B2).dtype), (len(original_size_B2), 1))
   return {"time_ids": time_ids(original_size_B2, crop_top_left_B2, target)}
 
 

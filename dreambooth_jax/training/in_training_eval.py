@@ -20,10 +20,12 @@ from dreambooth_jax.sampling import schedulers
 METRICS = ("dino", "clip_i", "clip_t")
 
 
-def sample(view, prompts, config, mesh=None) -> np.ndarray:
-  """uint8 images for prompts with the validation sampler settings and fixed seeds (validation and evaluation)."""
+def sample(view, prompts, config, mesh=None, size: tuple[int, int] | None = None) -> np.ndarray:
+  """uint8 images for prompts with the validation sampler settings and fixed seeds (validation and evaluation), at
+  size (H, W) (default: the square resolution)."""
+  height, width = size or (config.resolution, config.resolution)
   settings = sampling.SamplerSettings(steps=config.validation_inference_steps, guidance=config.validation_guidance,
-                                      height=config.resolution, width=config.resolution,
+                                      height=height, width=width,
                                       scheduler=config.get("sample_scheduler", "ddim"),
                                       karras=config.get("sample_karras", False))
   return np.concatenate([images for _, images in sampling.generate_all(

@@ -1,5 +1,5 @@
-"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step, and one per validation loss) and
-a console progress bar.
+"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step, with its "bucket" [H, W];
+one per validation loss; event records such as {"event": "compile", ...}) and a console progress bar.
 
 Values arrive as device arrays and are read one step late (after the next step is dispatched) so the host never
 waits for the device in the loop.
@@ -30,10 +30,12 @@ class MetricsWriter:
     self.bar = tqdm(total=total_steps, initial=initial_step, desc="train", unit="step", disable=not enabled,
                     dynamic_ncols=True)
 
-  def write(self, step: int, scalars: dict):
+  def write(self, step: int, scalars: dict, bucket=None):
+    """One step record: the scalars, and the step's (H, W) when given."""
     scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
     if self.enabled:
-      self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+      shape = {} if bucket is None else {"bucket": [int(x) for x in bucket]}
+      self.jsonl.write(json.dumps({"step": step, **scalars, **shape}) + "\n")
       self.jsonl.flush()
       for k, v in scalars.items():
         if math.isfinite(v):
@@ -49,6 +51,12 @@ class MetricsWriter:
       self.jsonl.flush()
       for k, v in scalars.items():
         self.tensorboard.add_scalar(k, v, step)
+
+  def event(self, record: dict):
+    """A record that is not a step (e.g. a compile), as it is."""
+    if self.enabled:
+      self.jsonl.write(json.dumps(record) + "\n")
+      self.jsonl.flush()
 
   def image(self, tag: str, image_HWC: np.ndarray, step: int):
     if self.enabled:

@@ -1,5 +1,9 @@
-"""The run: config -> model -> compiled step (memory checked) -> class images -> data -> steps -> checkpoints ->
+"""The run: config -> model -> compiled steps (memory checked) -> class images -> data -> steps -> checkpoints ->
 export. Resumes from the latest checkpoint in WORKDIR/checkpoints; SIGTERM checkpoints and exits 143.
+
+One train step is compiled ahead of time per shape in use (the square resolution, or each aspect-ratio bucket the
+instance images fall into), all before step 1, each logged and written to metrics.jsonl as
+{"event": "compile", "what": "train_step", "bucket": [H, W], "seconds": s}; nothing compiles during training.
 """
 
 import dataclasses
@@ -13,8 +17,8 @@ import jax
 import numpy as np
 from absl import logging
 
-from dreambooth_jax import config_files, distributed, sharding
-from dreambooth_jax.data import batches, class_images
+from dreambooth_jax import config_files, distributed, sharding, xla_cache
+from dreambooth_jax.data import batches, buckets as buckets_lib, class_images
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import export
 from dreambooth_jax.sampling import sampler
@@ -34,9 +38,18 @@ def write_config(config, workdir: pathlib.Path):
     saved.write_text(json.dumps(resolved, indent=2, sort_keys=True))
 
 
-def validation_images(pipe, graphdefs, params, frozen, config, mesh) -> np.ndarray:
+def validation_size(config, data: batches.TrainData) -> tuple[int, int]:
+  """Validation images are drawn at the bucket holding the most instance images (the square resolution unbucketed;
+  the larger bucket on a tie)."""
+  if not data.bucketed:
+    return (config.resolution, config.resolution)
+  return max(data.buckets, key=lambda b: (data.sets["instance"].buckets.count(b), b[0] * b[1], b))
+
+
+def validation_images(pipe, graphdefs, params, frozen, config, mesh, size) -> np.ndarray:
   view = run_state.trained_view(pipe, graphdefs, params, frozen)
-  return in_training_eval.sample(view, [config.validation_prompt] * config.num_validation_images, config, mesh)
+  return in_training_eval.sample(view, [config.validation_prompt] * config.num_validation_images, config, mesh,
+                                 size=size)
 
 
 class Preemption:
@@ -73,7 +86,9 @@ class Job:
   state: dict  # restored or freshly initialised, sharded
   state_shardings: dict
   frozen: dict
-  step_fn: object  # compiled train step
+  step_fn: object  # compiled train step (of the largest bucket)
+  step_fns: dict  # {(H, W): compiled train step} for every shape in use
+  compile_records: list  # the metrics.jsonl compile events
   rng: jax.Array
   mgr: object
   flops_per_step: float | None
@@ -81,52 +96,77 @@ class Job:
 
 @dataclasses.dataclass
 class CompiledStep:
-  fn: object  # the ahead-of-time compiled train_step(state, batch, rng, frozen)
+  fn: object  # the ahead-of-time compiled train_step(state, batch, rng, frozen) of the largest bucket
+  fns: dict  # {(H, W): compiled step} per bucket
+  seconds: dict  # {(H, W): compile seconds}
   tx: object
   state_shardings: dict
   frozen_shardings: dict
   abstract_state: dict
   memory: plan_lib.MemoryPlan
   flops: float | None
-  compile_seconds: float
+  compile_seconds: float  # all buckets together
+
+  def records(self) -> list[dict]:
+    return [{"event": "compile", "what": "train_step", "bucket": list(b), "seconds": s}
+            for b, s in self.seconds.items()]
 
 
-def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
-  """Shards by the logical rules, compiles the step ahead of time (state donated) and plans its memory. Works on
-  concrete or abstract (ShapeDtypeStruct) params alike."""
+def compile_step(config, pipe, graphdefs, params, frozen, mesh, buckets=None) -> CompiledStep:
+  """Shards by the logical rules, compiles the step ahead of time (state donated) for each (H, W) in `buckets`
+  (default: the square resolution) and plans the memory of the largest. Works on concrete or abstract
+  (ShapeDtypeStruct) params alike."""
+  buckets = [tuple(b) for b in (buckets or [(config.resolution, config.resolution)])]
   tx, lr_schedules = optim.make_optimizer(config, tuple(params), denoiser=pipe.family.DENOISER)
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx, config.use_ema), params)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
   step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, step_lib.loss_settings(config),
                                      step_lib.ema_settings(config))
-  batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
   frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
-  t0 = time.perf_counter()
-  compiled = jax.jit(step_fn, in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch), None,
-                                            frozen_shardings),
-                     out_shardings=(state_shardings, None), donate_argnums=0).lower(
-                         state_in, batch, jax.random.key(config.seed), frozen_in).compile()
-  seconds = time.perf_counter() - t0
-  logging.info("train step compiled in %.1fs", seconds)
+  fns, seconds = {}, {}
+  for bucket in buckets:
+    batch = batches.batch_spec(config, pipe, mesh, bucket)
+    t0 = time.perf_counter()
+    lowered = jax.jit(step_fn, in_shardings=(state_shardings, jax.tree.map(lambda b: b.sharding, batch), None,
+                                             frozen_shardings),
+                      out_shardings=(state_shardings, None), donate_argnums=0).lower(
+                          state_in, batch, jax.random.key(config.seed), frozen_in)
+    traced = time.perf_counter() - t0
+    fns[bucket] = lowered.compile()  # from the persistent cache when it holds this step
+    seconds[bucket] = time.perf_counter() - t0
+    logging.info("train step %s compiled in %.1fs (%.1fs tracing, %.1fs XLA)", buckets_lib.name(bucket),
+                 seconds[bucket], traced, seconds[bucket] - traced)
+  biggest = buckets_lib.largest(buckets)
+  compiled = fns[biggest]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  memory = plan_lib.memory_plan(config, compiled, mesh, state_in, state_shardings, frozen_in, frozen_shardings, batch)
-  return CompiledStep(fn=compiled, tx=tx, state_shardings=state_shardings, frozen_shardings=frozen_shardings,
-                      abstract_state=abstract_state, memory=memory, flops=(cost or {}).get("flops"),
-                      compile_seconds=seconds)
+  memory = plan_lib.memory_plan(config, compiled, mesh, state_in, state_shardings, frozen_in, frozen_shardings,
+                                batches.batch_spec(config, pipe, mesh, biggest))
+  return CompiledStep(fn=compiled, fns=fns, seconds=seconds, tx=tx, state_shardings=state_shardings,
+                      frozen_shardings=frozen_shardings, abstract_state=abstract_state, memory=memory,
+                      flops=(cost or {}).get("flops"), compile_seconds=sum(seconds.values()))
 
 
 def dry_run(config, mesh=None) -> CompiledStep:
-  """Compiles the step on an abstract model (no weights, no class images) and reports its memory."""
+  """Compiles the step on an abstract model (no weights, no class images) and reports its memory. With buckets,
+  the largest bucket of the whole set is planned (no image is read)."""
   config_files.check_known(config)
   run_state.resolve_defaults(config)
+  buckets_lib.check_settings(config)
+  xla_cache.enable(config)
   mesh = mesh or make_mesh(config)
   pipe = plan_lib.abstract_model(config, dtype=run_state.compute_dtype(config),
                                  param_dtype=run_state.param_dtype(config),
                                  unet_kwargs=run_state.denoiser_kwargs(config))
-  step = compile_step(config, pipe, *run_state.trainable_state(pipe, config), mesh)
+  buckets_lib.check_settings(config, pipe.size_multiple())
+  choices = batches.bucket_choices(config)
+  bucket = buckets_lib.largest(choices) if choices else None
+  step = compile_step(config, pipe, *run_state.trainable_state(pipe, config), mesh,
+                      buckets=[bucket] if bucket else None)
+  if bucket:
+    print(f"planned at the largest bucket {buckets_lib.name(bucket)} (HxW) of {len(choices)}")
   print(step.memory.table())
   if jax.default_backend() == "cpu":
     print("note: planned with XLA's CPU compiler; GPU/TPU temporaries differ (flash attention, their own "
@@ -147,19 +187,27 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   in_training_eval.check_config(config)
   mesh = mesh or make_mesh(config)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
+  buckets_lib.check_settings(config)
   pipe = run_state.load_model(config)
+  buckets_lib.check_settings(config, pipe.size_multiple())
+  instance = batches.load_instance_images(config)  # its buckets are the shapes to compile
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
-  step = compile_step(config, pipe, graphdefs, params, frozen, mesh)
+  step = compile_step(config, pipe, graphdefs, params, frozen, mesh, batches.used_buckets(config, instance))
   plan_lib.check_fits(step.memory, config)  # before any class image is generated or step is run
   if batches.uses_class_images(config):
     class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
-    class_images.ensure_class_images(
-        pipe, class_dir, config.class_prompt, config.num_class_images, seed=config.seed,
-        settings=sampler.SamplerSettings(steps=config.class_generation_steps, guidance=config.class_guidance,
-                                          height=config.resolution, width=config.resolution,
-                                          scheduler=config.sample_scheduler, karras=config.sample_karras),
-        batch_size=config.sample_batch_size, mesh=mesh)
-  data = batches.TrainData(config, pipe, mesh, workdir)
+    settings = sampler.SamplerSettings(steps=config.class_generation_steps, guidance=config.class_guidance,
+                                       height=config.resolution, width=config.resolution,
+                                       scheduler=config.sample_scheduler, karras=config.sample_karras)
+    if instance.buckets:
+      class_images.ensure_bucketed_class_images(
+          pipe, class_dir, config.class_prompt, config.num_class_images, instance_buckets=instance.buckets,
+          seed=config.seed, settings=settings, batch_size=config.sample_batch_size, mesh=mesh)
+    else:
+      class_images.ensure_class_images(pipe, class_dir, config.class_prompt, config.num_class_images,
+                                       seed=config.seed, settings=settings, batch_size=config.sample_batch_size,
+                                       mesh=mesh)
+  data = batches.TrainData(config, pipe, mesh, workdir, instance=instance)
   frozen = jax.device_put(frozen, step.frozen_shardings)
 
   mgr = checkpoint.manager(workdir, config.checkpoints_total_limit,
@@ -175,7 +223,8 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   del params
   pipe.modules[pipe.family.DENOISER] = None  # the trained copy lives in `state` (and, for LoRA, its base in `frozen`); free the original
   return Job(pipe=pipe, mesh=mesh, data=data, graphdefs=graphdefs, state=state, state_shardings=step.state_shardings,
-             frozen=frozen, step_fn=step.fn, rng=jax.random.key(config.seed), mgr=mgr, flops_per_step=step.flops)
+             frozen=frozen, step_fn=step.fn, step_fns=step.fns, compile_records=step.records(),
+             rng=jax.random.key(config.seed), mgr=mgr, flops_per_step=step.flops)
 
 
 def train(config, workdir: pathlib.Path) -> Job:
@@ -184,6 +233,8 @@ def train(config, workdir: pathlib.Path) -> Job:
   distributed.initialize()
   workdir.mkdir(parents=True, exist_ok=True)
   run_state.resolve_defaults(config)
+  buckets_lib.check_settings(config)  # refused by name before anything is written
+  xla_cache.enable(config)
   write_config(config, workdir)
   primary = jax.process_index() == 0
   job = setup(config, workdir)
@@ -192,6 +243,8 @@ def train(config, workdir: pathlib.Path) -> Job:
   start = int(jax.device_get(state["step"]))
   writer = metrics_lib.MetricsWriter(workdir, total_steps=config.max_train_steps, initial_step=start,
                                      enabled=primary)
+  for record in job.compile_records:
+    writer.event(record)
   preemption = Preemption(mgr)
   evaluator = None
   if config.get("eval_steps"):
@@ -200,17 +253,17 @@ def train(config, workdir: pathlib.Path) -> Job:
   if config.validation_loss and config.validation_steps:
     val_loss = val_loss_lib.ValidationLoss(config, data, pipe.family, graphdefs, step_lib.loss_settings(config),
                                            mesh)
-  pending = None  # (step, device metrics, dispatch time) of the last dispatched step, read one step late
+  pending = None  # (step, device metrics, dispatch time, bucket) of the last dispatched step, read one step late
   images_per_step = data.global_batch_size * config.gradient_accumulation_steps
 
   def flush(pending):
-    step_done, device_metrics, dispatched = pending
+    step_done, device_metrics, dispatched, bucket = pending
     values = dict(device_metrics)
     values["step_time"] = time.perf_counter() - dispatched
     values["images_per_s"] = images_per_step / max(values["step_time"], 1e-9)
     if flops:
       values["flops_per_step"] = flops
-    values = writer.write(step_done, values)
+    values = writer.write(step_done, values, bucket=bucket)
     if not np.isfinite(values["loss"]):
       raise metrics_lib.NonFiniteLoss(
           f"non-finite loss ({values['loss']}) at step {step_done}; stopping. The last good checkpoint is step "
@@ -222,11 +275,11 @@ def train(config, workdir: pathlib.Path) -> Job:
       batch = data.next_batch()
       data_state = data.get_state()  # the iterators as they are after this step's batch
       dispatched = time.perf_counter()
-      state, step_metrics = job.step_fn(state, batch, job.rng, job.frozen)
+      state, step_metrics = job.step_fns[data.bucket](state, batch, job.rng, job.frozen)
       if pending is not None:
         flush(pending)
       done = step + 1
-      pending = (done, step_metrics, dispatched)
+      pending = (done, step_metrics, dispatched, data.bucket)
       evaluate_now = evaluator is not None and done % config.eval_steps == 0
       preempted = preemption.requested(done)
       must_save = (done % config.checkpointing_steps == 0 or done == config.max_train_steps or preempted
@@ -249,7 +302,7 @@ def train(config, workdir: pathlib.Path) -> Job:
         writer.record(done, val_loss(run_state.used_params(state), job.frozen))
       if validate and config.validation_prompt:
         grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, run_state.used_params(state), job.frozen,
-                                                        config, mesh))
+                                                        config, mesh, validation_size(config, data)))
         if primary:
           (workdir / "validation").mkdir(exist_ok=True)
           from PIL import Image  # noqa: PLC0415
