@@ -20,7 +20,7 @@ def two_steps(config, workdir):
   return [{k: float(v) for k, v in m.items()} for m in (first, second)], job, batch
 
 
-@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+@pytest.mark.parametrize("lora", [True, pytest.param(False, marks=pytest.mark.slow)], ids=["lora", "full"])
 def test_prior_loss_is_exactly_zero_at_step_zero(lora, tmp_path):
   config = fast_config("prior_preservation=base_output", "train_batch_size=2")
   config.lora.enabled = lora

@@ -52,7 +52,7 @@ tmp = pathlib.Path(tempfile.mkdtemp())
 shutil.copytree(pathlib.Path({tests!r}).parent / "dreambooth_jax" / "assets" / "dog", tmp / "class")
 config = fast_config("train_batch_size=4", f"class_data_dir={{tmp / 'class'}}")
 out = {{}}
-for data, fsdp in [(1, 1), (8, 1), (2, 4), (1, 8)]:
+for data, fsdp in {meshes}:
   devices = jax.devices()[:data * fsdp]
   job = run.setup(config, tmp / f"{{data}}x{{fsdp}}", mesh=sharding.make_mesh(data, fsdp, devices=devices))
   state, losses = job.state, []
@@ -66,12 +66,17 @@ print(json.dumps(out))
 """
 
 
-def test_three_steps_on_8_devices_equal_1_device():
-  """3 train steps on 8 fake CPU devices (data x fsdp = 8x1, 2x4, 1x8) equal the 1-device run.
+@pytest.mark.parametrize("meshes", [
+    [(1, 1), (2, 4)],  # the default suite: batch over data and parameters over fsdp at once
+    pytest.param([(1, 1), (8, 1), (1, 8)], marks=pytest.mark.slow),  # each axis alone over all 8 devices
+], ids=["2x4", "8x1-1x8"])
+def test_three_steps_on_8_devices_equal_1_device(meshes):
+  """3 train steps on 8 fake CPU devices (data x fsdp = 2x4; with -m slow also 8x1 and 1x8) equal the 1-device run.
   Tolerance: losses rtol 1e-5; parameter |.| sums rtol 1e-5 + atol 1e-5 (reduction order differs between
   shardings, and Adam normalises near-zero gradients, which amplifies that rounding noise)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-c", MESH_STEPS.format(tests=TESTS)], env=env, capture_output=True,
+  script = MESH_STEPS.format(tests=TESTS, meshes=meshes)
+  result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
