@@ -91,6 +91,12 @@ class CompiledStep:
   compile_seconds: float
 
 
+def flow_matching_settings(config) -> dict:
+  """The flow-matching (Flux) loss keys of the config, by LossSettings' names."""
+  keys = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
+  return {k: config[k] for k in keys if k in config}
+
+
 def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   """Shards by the logical rules, compiles the step ahead of time (state donated) and plans its memory. Works on
   concrete or abstract (ShapeDtypeStruct) params alike."""
@@ -101,7 +107,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh) -> CompiledStep:
   settings = step_lib.LossSettings(
       prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
       snr_gamma=config.snr_gamma, snr_weighting=config.get("snr_weighting", "min_snr"),
-      offset_noise=config.offset_noise)
+      offset_noise=config.offset_noise, **flow_matching_settings(config))
   step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, settings)
   batch = batches.batch_spec(config, pipe, mesh)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)

@@ -16,7 +16,7 @@ from flax import nnx
 
 from dreambooth_jax.models import lora as lora_lib
 from dreambooth_jax.training import optim
-from dreambooth_jax.sampling import schedules as schedule_lib
+from dreambooth_jax.sampling import flow_matching, schedules as schedule_lib
 
 ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-batches take 0, 1, ... of the step key)
 
@@ -27,10 +27,17 @@ class LossSettings:
   snr_gamma: float = 0.0  # 0 = off; else min-SNR-gamma weighting (Hang et al. 2023)
   snr_weighting: str = "min_snr"  # the v-prediction formula: schedules.min_snr_loss_weight
   offset_noise: float = 0.0  # 0 = off; else noise += offset_noise * N(0, 1) per (example, channel)
+  # flow matching (Flux): timestep density and loss weighting (flow_matching.WEIGHTING_SCHEMES), guidance input
+  weighting_scheme: str = "none"
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  mode_scale: float = 1.29
+  guidance_scale: float = 3.5
 
   def __post_init__(self):  # refused at set-up, by name, not at the first traced step
     if self.snr_weighting not in schedule_lib.SNR_WEIGHTINGS:
       raise ValueError(f"snr_weighting={self.snr_weighting!r} is not one of {list(schedule_lib.SNR_WEIGHTINGS)}")
+    flow_matching.check_weighting_scheme(self.weighting_scheme)
 
 
 def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: LossSettings):
@@ -57,15 +64,11 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
   noise = draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 1)
   if settings.offset_noise:
     noise = noise + settings.offset_noise * draw(lambda k: jax.random.normal(k, (1, 1, shape_HWC[-1])), 2)
-  t_B = draw(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps), 3)
-  x_t = schedule_lib.add_noise(schedule, x0, noise, t_B)
-  target = schedule_lib.training_target(schedule, x0, noise, t_B)
-  prediction = family.denoise(modules, x_t, t_B, text, image).astype(jnp.float32)
-  mse_B = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
-  if settings.snr_gamma:
-    mse_B = mse_B * schedule_lib.min_snr_loss_weight(schedule, t_B, settings.snr_gamma,
-                                                     settings.snr_weighting)
-  return mse_B
+  # the family's objective: timesteps (from each example's key 3), noised input, target, loss weight
+  noised = family.training_inputs(modules, schedule, x0, noise, keys_B4[:, 3], settings)
+  prediction = family.denoise(modules, noised.x_t, noised.t_B, text, {**image, **noised.image})
+  mse_B = jnp.mean(jnp.square(prediction.astype(jnp.float32) - noised.target), axis=(1, 2, 3))
+  return mse_B if noised.weight_B is None else mse_B * noised.weight_B
 
 
 def combine_losses(mse_B, prior_B, prior_loss_weight: float):
