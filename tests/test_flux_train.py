@@ -193,3 +193,22 @@ def test_dense_kohya_flux_lora_reads_as_diffusers_reads_it(tiny_flux_dir, tmp_pa
   got = _flux_images(pipe, latents)
   np.testing.assert_allclose(got, _reference_images(tiny_flux_dir, path, latents), atol=2e-4)
   assert np.abs(got - before).max() > 1e-3
+
+
+def test_flux_merged_export_is_a_folder_flux_pipeline_loads(flux_run, tmp_path):
+  """`export --merge_lora` of the Flux LoRA run: a diffusers folder FluxPipeline loads, giving the run's images."""
+  import torch
+  from diffusers import FluxPipeline
+  from dreambooth_jax.io import export as export_lib
+  from dreambooth_jax.training import run_state
+  config, view, _ = run_state.load_run(flux_run, None)
+  out = export_lib.export(view, config, tmp_path / "merged", "diffusers", merge_lora=True)
+  latents = np.random.default_rng(5).standard_normal((1, 16, 8, 8)).astype(np.float32)
+  got = _flux_images(view, latents)
+  ref = FluxPipeline.from_pretrained(str(out), dtype=torch.float32)
+  ref.set_progress_bar_config(disable=True)
+  packed = FluxPipeline._pack_latents(torch.from_numpy(latents), 1, 16, 8, 8)
+  with torch.no_grad():
+    want = ref("a photo of sks dog", height=16, width=16, num_inference_steps=2, guidance_scale=3.5, latents=packed,
+               max_sequence_length=TEXT_LENGTH, output_type="np").images
+  np.testing.assert_allclose(got, want, atol=2e-4)
