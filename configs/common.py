@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.class_guidance = 7.5
   # Sampler of class images, validation and in-training evaluation: ddim | dpmpp_2m | euler | euler_a, equal to
   # diffusers' schedulers built from the model's scheduler config; Karras sigmas for dpmpp_2m and euler.
+  # Flux: flow_euler (its only sampler); class_guidance and validation_guidance are then its distilled guidance.
   c.sample_scheduler = "ddim"
   c.sample_karras = False
   # Optimisation.
@@ -81,6 +82,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "snr_plus_one" = min(snr + 1, gamma) / (snr + 1) (older diffusers train_text_to_image.py)
   c.snr_weighting = "min_snr"
   c.offset_noise = 0.0  # 0 = off; 0.1 as diffusers' --offset_noise
+  # Flux (flow matching), as diffusers' train_dreambooth_lora_flux.py: timesteps drawn by weighting_scheme (none |
+  # sigma_sqrt | logit_normal | mode | cosmap; noise-schedule models take only "none"), which also weights the loss
+  # (sigma_sqrt, cosmap); logit_normal's mean/std; mode's scale
+  c.weighting_scheme = "none"
+  c.logit_mean = 0.0
+  c.logit_std = 1.0
+  c.mode_scale = 1.29
+  c.guidance_scale = 3.5  # the distilled guidance input during training (guidance_embeds models: FLUX.1-dev)
+  c.max_sequence_length = 0  # T5 prompt tokens (Flux only); 0 = the T5 tokenizer's model_max_length (FLUX.1: 512)
   c.seed = 0
   # JAX's persistent compilation cache (reruns and resumes skip compiling): "auto" = $JAX_COMPILATION_CACHE_DIR
   # when set, else ~/.cache/dreambooth_jax/xla ($XDG_CACHE_HOME respected); a folder; "" = off

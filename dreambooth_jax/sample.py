@@ -1,11 +1,13 @@
-"""Generate images with the jitted sampler (DDIM, or --scheduler=dpmpp_2m|euler|euler_a [--karras]).
+"""Generate images with the jitted sampler (DDIM, or --scheduler=dpmpp_2m|euler|euler_a [--karras]; Flux folders:
+flow-matching Euler with the distilled --guidance, --true_cfg with --negative_prompt, --max_sequence_length).
 
   python -m dreambooth_jax.sample --model=PATH_OR_HUB_ID --prompt="a photo of sks dog" --num_images=4 \
       --steps=50 --guidance=7.5 --seed=0 --height=512 --width=512 --out=DIR
 
 Writes DIR/00000.png ... and DIR/index.json (file -> prompt, plus every setting), so evaluate.py can group images
-by prompt and a run can be reproduced. --init_latents takes an (N, 4, H/8, W/8) float32 .npy (NCHW, as diffusers'
-`latents=` argument) to reproduce an image across frameworks.
+by prompt and a run can be reproduced. --init_latents takes an (N, C, H/8, W/8) float32 .npy (NCHW, as diffusers'
+`latents=` argument; for Flux the unpacked latent, packed as FluxPipeline packs it) to reproduce an image across
+frameworks.
 """
 
 import json
@@ -19,7 +21,7 @@ from tqdm import tqdm
 
 from dreambooth_jax import cli, sharding
 from dreambooth_jax.io import load, lora_files
-from dreambooth_jax.sampling import sampler as sampling, schedulers
+from dreambooth_jax.sampling import flow_matching, sampler as sampling, schedulers
 
 
 def read_prompts(prompt: str | None, prompts_file: str | None) -> list[str]:
@@ -52,7 +54,7 @@ def main(argv):
     init = init.transpose(0, 2, 3, 1)
   try:  # refused before the model loads
     settings = sampling.SamplerSettings(steps=f.steps, guidance=f.guidance, eta=f.eta, height=f.height,
-                                        width=f.width, scheduler=f.scheduler, karras=f.karras)
+                                        width=f.width, scheduler=f.scheduler, karras=f.karras, true_cfg=f.true_cfg)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
@@ -60,6 +62,10 @@ def main(argv):
     pipe = load.load_or_init_pipeline(f.model, random_init=f.random_init, seed=f.seed, dtype=dtype)
   except (ValueError, FileNotFoundError) as e:
     raise cli.with_context(e, f"--model={f.model}") from None
+  try:
+    pipe.family.set_max_sequence_length(pipe.tokenizers, f.max_sequence_length)
+  except ValueError as e:
+    raise app.UsageError(f"--max_sequence_length: {e}") from None
   lora_files.apply_lora_files(pipe, [lora_files.parse_lora_arg(arg) for arg in f.lora or []])
   mesh = sharding.make_mesh()
   out = pathlib.Path(f.out)
@@ -82,7 +88,8 @@ def main(argv):
   print(f"wrote {len(index)} images to {out} (first batch incl. compile {first_batch:.1f}s, {rate:.2f} images/s)")
   settings_json = {k: v for k, v in f.flag_values_dict().items() if k in {
       "model", "prompt", "prompts_file", "negative_prompt", "num_images", "steps", "guidance", "eta", "seed",
-      "height", "width", "batch_size", "init_latents", "random_init", "dtype", "lora", "scheduler", "karras"}}
+      "height", "width", "batch_size", "init_latents", "random_init", "dtype", "lora", "scheduler", "karras", "true_cfg",
+      "max_sequence_length"}}
   (out / "index.json").write_text(json.dumps({"settings": settings_json, "images": index}, indent=2))
 
 
@@ -93,11 +100,15 @@ def define_flags():
   flags.DEFINE_string("negative_prompt", "", "Negative prompt (the unconditional half of guidance).")
   flags.DEFINE_integer("num_images", 1, "Images per prompt.")
   flags.DEFINE_integer("steps", 50, "Sampler steps.")
-  flags.DEFINE_enum("scheduler", "ddim", list(schedulers.SCHEDULERS),
-                    "Sampler, equal to diffusers' DDIM, DPMSolverMultistep (DPM++ 2M), EulerDiscrete, "
-                    "EulerAncestralDiscrete schedulers built from the model's scheduler config.")
+  flags.DEFINE_enum("scheduler", None, [*schedulers.SCHEDULERS, flow_matching.SAMPLER_NAME],
+                    "Sampler, equal to diffusers' DDIM (the default), DPMSolverMultistep (DPM++ 2M), EulerDiscrete, "
+                    "EulerAncestralDiscrete schedulers built from the model's scheduler config; Flux: flow_euler "
+                    "(FlowMatchEulerDiscreteScheduler, its only one and the default).")
   flags.DEFINE_bool("karras", False, "Karras sigmas (use_karras_sigmas; dpmpp_2m and euler).")
-  flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1 = off).")
+  flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off; default 7.5); Flux: the distilled "
+                     "guidance input of guidance-distilled models (dev; default 3.5).")
+  flags.DEFINE_float("true_cfg", 1.0, "Flux: real classifier-free guidance scale with --negative_prompt (> 1 = on).")
+  flags.DEFINE_integer("max_sequence_length", None, "Flux: T5 prompt tokens (default: the tokenizer's, 512).")
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0 = deterministic DDIM; ddim only).")
   flags.DEFINE_integer("seed", 0, "Seed; image k uses fold_in(seed, k).")
   flags.DEFINE_integer("height", 512, "Image height.")

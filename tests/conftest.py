@@ -9,7 +9,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pytest
 
-from reference_models import TINY_SD1, TINY_SD2, save_pipeline, save_sdxl_pipeline
+from reference_models import TINY_SD1, TINY_SD2, save_flux_pipeline, save_pipeline, save_sdxl_pipeline
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +28,9 @@ def tiny_sd2_dir(tmp_path_factory):
 def tiny_sdxl_dir(tmp_path_factory):
     """A diffusers folder of a tiny random-weight SDXL-shaped pipeline (StableDiffusionXLPipeline.save_pretrained)."""
     return save_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    """A diffusers folder of a tiny random-weight FLUX.1-dev-shaped pipeline (FluxPipeline.save_pretrained)."""
+    return save_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "model")

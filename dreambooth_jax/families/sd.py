@@ -6,12 +6,15 @@ the folder's configs, so one family covers both.
 
 import pathlib
 
+import jax
 import jax.numpy as jnp
 
-from dreambooth_jax.families.spec import Component
-from dreambooth_jax.io import single_file_keys as keys
+from dreambooth_jax.families.spec import Component, TrainingInputs
+from dreambooth_jax.io import lora_files, single_file_keys as keys
 from dreambooth_jax.io.tokenizers import tokenize as clip_tokenize
-from dreambooth_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
+from dreambooth_jax.sampling import schedulers, schedules
+from dreambooth_jax.models import lora
+from dreambooth_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, hub_keys
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -20,13 +23,15 @@ PIPELINE_CLASSES = ("StableDiffusionPipeline",)
 COMPONENTS = {
     "unet": Component(UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model", "denoiser"),
     "vae": Component(VAEConfig, AutoencoderKL, "diffusion_pytorch_model", "vae"),
-    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "model", "text"),
+    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "model", "text", save_keys=hub_keys),
 }
 TOKENIZERS = ("tokenizer",)
 DENOISER = "unet"
 TEXT_ENCODERS = ("text_encoder",)
 TEXT_KEYS = ("context",)  # encode_text's outputs: what the text-embedding cache stores per caption
 ID_KEYS = ("ids",)  # tokenize's outputs
+# LoRA's denoiser targets (module-name suffixes): the attention projections; lora.feed_forward adds the others
+LORA_ATTENTION, LORA_FEED_FORWARD = lora.UNET_ATTENTION, lora.UNET_FEED_FORWARD
 ASSETS = pathlib.Path(__file__).resolve().parents[1] / "assets"
 # Bundled config folders (single files and offline memory plans), by name.
 BUNDLED_CONFIGS = {"sd15": ASSETS / "sd-configs" / "sd15", "sd21": ASSETS / "sd-configs" / "sd21"}
@@ -45,6 +50,46 @@ def latent_factor(configs: dict) -> int:
   return 2 ** (len(configs["vae"]["block_out_channels"]) - 1)
 
 
+def size_multiple(configs: dict, denoiser_config) -> int:
+  """Image sizes divide by this: the VAE's factor times the UNet's halvings (one per down block but the last)."""
+  return latent_factor(configs) * 2 ** (len(denoiser_config.block_out_channels) - 1)
+
+
+def schedule_from_config(scheduler_config: dict):
+  """The noise schedule of scheduler_config.json (what training draws from and the samplers start from)."""
+  return schedules.schedule_from_config(scheduler_config)
+
+
+# The sampler protocol (sampling/sampler.py drives it): plan_for, initial_noise_scale, initial_carry,
+# scale_model_input, denoiser_timestep, needs_noise, step. SD's is DDIM / DPM++ 2M / Euler / Euler a.
+SAMPLER = schedulers
+DEFAULT_GUIDANCE = 7.5  # classifier-free guidance
+
+
+def guidance_scales(configs: dict, settings, negative_prompts) -> float:
+  """The classifier-free guidance scale of a sampling run (1 = one unguided pass): SD's `guidance`."""
+  del configs, negative_prompts
+  if settings.true_cfg != 1.0:
+    raise ValueError(f"true_cfg={settings.true_cfg} applies to guidance-distilled models (Flux) only; SD's "
+                     "classifier-free guidance scale is `guidance`")
+  return settings.guidance
+
+
+def training_inputs(modules: dict, schedule, x0_BHWC, noise_BHWC, keys_B, settings) -> TrainingInputs:
+  """DDPM training: t uniform over the train timesteps (one key per example), x_t = add_noise, the target of the
+  schedule's prediction type, min-SNR weighting with settings.snr_gamma."""
+  del modules
+  if settings.weighting_scheme != "none":
+    raise ValueError(f"weighting_scheme={settings.weighting_scheme!r} applies to flow-matching models (Flux); "
+                     "noise-schedule models weight with snr_gamma")
+  t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(keys_B)
+  x_t = schedules.add_noise(schedule, x0_BHWC, noise_BHWC, t_B)
+  target = schedules.training_target(schedule, x0_BHWC, noise_BHWC, t_B)
+  weight_B = (schedules.min_snr_loss_weight(schedule, t_B, settings.snr_gamma, settings.snr_weighting)
+              if settings.snr_gamma else None)
+  return TrainingInputs(x_t, t_B, target, weight_B, {})
+
+
 def default_resolution(configs: dict) -> int:
   """The resolution the UNet was trained at (512 for 1.x and 2.x-base, 768 for 2.x)."""
   return int(configs["unet"].get("sample_size") or 64) * latent_factor(configs)
@@ -54,6 +99,13 @@ def component_dtype(component: str, config, dtype):
   """The compute dtype a component is built with: as asked (SD's VAE runs in fp16 in practice)."""
   del component, config
   return dtype
+
+
+def set_max_sequence_length(tokenizers: dict, length: int | None):
+  """A T5 prompt length (Flux's max_sequence_length): CLIP's 77 tokens are fixed, so only None is accepted."""
+  del tokenizers
+  if length is not None:
+    raise ValueError(f"max_sequence_length={length} applies to T5-conditioned models (Flux) only")
 
 
 def tokenize(tokenizers: dict, prompts) -> dict:
@@ -86,8 +138,8 @@ def image_conditioning_spec(pipeline) -> dict:
   return {}
 
 
-def sampling_image_conditioning(height: int, width: int, batch: int) -> dict:
-  del height, width, batch
+def sampling_image_conditioning(configs: dict, settings, batch: int) -> dict:
+  del configs, settings, batch
   return {}
 
 
@@ -148,3 +200,12 @@ def single_file_names(configs: dict) -> dict[str, dict[str, str]]:
           names["text_encoder"][f"encoder.layers.{i}.self_attn.{q}_proj.{p}"] = (
               f"{keys.OPEN_CLIP_PREFIX}transformer.resblocks.{i}.attn.in_proj_{p} ({q} part)")
   return names
+
+
+def to_kohya_lora(factors: dict, alpha: float, configs: dict) -> dict:
+  """kohya sd-scripts' LoRA keys (lora_unet_<diffusers path>, lora_te_) of {component: lora}."""
+  return lora_files.to_kohya(factors, alpha, lora_files.KOHYA_PREFIXES_SD, unet_names=kohya_unet_names(configs))
+
+
+def from_kohya_lora(tensors: dict, configs: dict, known_modules: dict | None) -> tuple[dict, float]:
+  return lora_files.from_kohya(tensors, known_modules=known_modules, unet_names=kohya_unet_names(configs))

@@ -16,10 +16,10 @@ import numpy as np
 
 from dreambooth_jax.families import sd
 from dreambooth_jax.families.spec import Component
-from dreambooth_jax.io import sgm_keys
+from dreambooth_jax.io import lora_files, sgm_keys
 from dreambooth_jax.io.tokenizers import tokenize as clip_tokenize
 from dreambooth_jax.models.clip_text import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-                                             projection_model_keys)
+                                             hub_keys, projection_model_keys)
 from dreambooth_jax.models.unet import UNet2DConditionModel, UNetConfig
 from dreambooth_jax.models.vae import AutoencoderKL, VAEConfig
 
@@ -28,9 +28,9 @@ PIPELINE_CLASSES = ("StableDiffusionXLPipeline",)
 COMPONENTS = {
     "unet": Component(UNetConfig, UNet2DConditionModel, "diffusion_pytorch_model", "denoiser"),
     "vae": Component(VAEConfig, AutoencoderKL, "diffusion_pytorch_model", "vae"),
-    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "model", "text"),
+    "text_encoder": Component(CLIPTextConfig, CLIPTextModel, "model", "text", save_keys=hub_keys),
     "text_encoder_2": Component(CLIPTextConfig, CLIPTextModelWithProjection, "model", "text",
-                                normalize=projection_model_keys),
+                                normalize=projection_model_keys, save_keys=hub_keys),
 }
 TOKENIZERS = ("tokenizer", "tokenizer_2")
 DENOISER = "unet"
@@ -43,6 +43,14 @@ KNOWN_HUB_CONFIGS = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl"}
 SINGLE_FILE_DESCRIPTION = "SDXL (conditioner.embedders.*)"
 MODEL_INDEX_DEFAULTS = {}
 latent_factor = sd.latent_factor
+LORA_ATTENTION, LORA_FEED_FORWARD = sd.LORA_ATTENTION, sd.LORA_FEED_FORWARD
+size_multiple = sd.size_multiple
+schedule_from_config = sd.schedule_from_config
+SAMPLER = sd.SAMPLER
+DEFAULT_GUIDANCE = sd.DEFAULT_GUIDANCE
+guidance_scales = sd.guidance_scales
+set_max_sequence_length = sd.set_max_sequence_length
+training_inputs = sd.training_inputs
 
 
 def default_resolution(configs: dict) -> int:
@@ -97,8 +105,9 @@ def time_ids(original_size_B2, crop_top_left_B2, target_size_B2) -> np.ndarray:
   return np.concatenate([original_size_B2, crop_top_left_B2, target_size_B2], axis=-1).astype(np.float32)
 
 
-def sampling_image_conditioning(height: int, width: int, batch: int) -> dict:
-  size = np.tile([[height, width]], (batch, 1))
+def sampling_image_conditioning(configs: dict, settings, batch: int) -> dict:
+  del configs
+  size = np.tile([[settings.height, settings.width]], (batch, 1))
   return {"time_ids": time_ids(size, np.zeros_like(size), size)}
 
 
@@ -146,3 +155,12 @@ def single_file_names(configs: dict) -> dict:
 def kohya_unet_names(configs: dict) -> dict:
   """kohya's SDXL LoRA files name UNet modules by their original SGM paths (lora_unet_input_blocks_4_1_...)."""
   return sgm_keys.unet_module_names(configs["unet"])
+
+
+def to_kohya_lora(factors: dict, alpha: float, configs: dict) -> dict:
+  """kohya's SDXL LoRA keys: lora_unet_<SGM path>, lora_te1_ / lora_te2_."""
+  return lora_files.to_kohya(factors, alpha, lora_files.KOHYA_PREFIXES_SDXL, unet_names=kohya_unet_names(configs))
+
+
+def from_kohya_lora(tensors: dict, configs: dict, known_modules: dict | None) -> tuple[dict, float]:
+  return lora_files.from_kohya(tensors, known_modules=known_modules, unet_names=kohya_unet_names(configs))

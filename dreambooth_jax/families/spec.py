@@ -3,6 +3,7 @@
 import dataclasses
 import pathlib
 import types
+import typing
 from typing import Any
 
 
@@ -14,6 +15,19 @@ class Component:
   role: str  # "denoiser" | "vae" | "text": LoRA targets and dtype rules go by role
   # the state dict after the generic key clean-up (io.diffusers_folder.normalize_keys) -> this model's names
   normalize: Any = None
+  # our torch-named state dict -> the names written to the folder (None: as they are); the inverse of the key
+  # clean-up, e.g. CLIP keeps its transformer under `text_model.` in hub checkpoints
+  save_keys: Any = None
+
+
+class TrainingInputs(typing.NamedTuple):
+  """What a family's training_inputs draws for one micro-batch: the noised latents and the denoiser's timestep,
+  the regression target, a per-example loss weight (None: 1) and image conditioning added for the step."""
+  x_t: Any
+  t_B: Any
+  target: Any
+  weight_B: Any
+  image: dict
 
 
 @dataclasses.dataclass
@@ -45,10 +59,10 @@ class Pipeline:
     raise AttributeError(f"{type(self).__name__} of family {self.family.NAME!r} has no {name!r}")
 
   def size_multiple(self, denoiser=None) -> int:
-    """Image sizes must divide by this: the VAE's factor times the UNet's halvings (one per down block but the
-    last). `denoiser` overrides the pipeline's (its config is what counts)."""
+    """Image sizes must divide by this (the family's rule: SD's VAE factor x the UNet's halvings, Flux's VAE
+    factor x its 2 x 2 packing). `denoiser` overrides the pipeline's (its config is what counts)."""
     denoiser = self.denoiser if denoiser is None else denoiser
-    return self.family.latent_factor(self.configs) * 2 ** (len(denoiser.config.block_out_channels) - 1)
+    return self.family.size_multiple(self.configs, denoiser.config)
 
   def replace(self, **modules) -> "Pipeline":
     """A copy with some modules replaced (e.g. the trained UNet)."""

@@ -20,7 +20,6 @@ from dreambooth_jax import families
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import safetensors as safetensors_io, tokenizers
 from dreambooth_jax.io.safetensors import CheckpointError
-from dreambooth_jax.sampling import schedules
 
 # Buffers some checkpoints carry that are not parameters.
 IGNORED_KEYS = ("text_model.embeddings.position_ids", "embeddings.position_ids")
@@ -227,7 +226,7 @@ def load_pipeline(name_or_path, *, dtype=jnp.float32, param_dtype=jnp.float32, v
   configs["scheduler"] = read_json(model_dir / "scheduler" / "scheduler_config.json")
   return Pipeline(family=family, modules=modules,
                   tokenizers={t: tokenizers.load_tokenizer(model_dir / t) for t in family.TOKENIZERS},
-                  schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=model_dir)
+                  schedule=family.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=model_dir)
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -242,9 +241,8 @@ def save_component(module_or_state, raw_config: dict, out_dir: pathlib.Path, fam
   else:
     tensors = state_to_torch_dict(module_or_state)
   spec = family.COMPONENTS[component]
-  if spec.role == "text":  # real hub checkpoints (and transformers 4.x) keep the transformer under `text_model.`
-    tensors = {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
-               for k, v in tensors.items()}
+  if spec.save_keys is not None:
+    tensors = spec.save_keys(tensors)
   if dtype is not None:
     tensors = {k: v.astype(dtype) for k, v in tensors.items()}
   (folder / "config.json").write_text(json.dumps(raw_config, indent=2, sort_keys=True))
@@ -296,4 +294,4 @@ def random_pipeline(config_dir=TINY_MODEL, *, seed: int = 0, dtype=jnp.float32, 
   configs["scheduler"] = read_json(config_dir / "scheduler" / "scheduler_config.json")
   return Pipeline(family=family, modules=modules,
                   tokenizers={t: tokenizers.load_config_tokenizer(config_dir, t) for t in family.TOKENIZERS},
-                  schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
+                  schedule=family.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)

@@ -56,10 +56,8 @@ def export_lora(pipe: Pipeline, config, out, fmt: str) -> pathlib.Path:
   meta = lora_metadata(pipe, config)
   alpha = meta["dreambooth_jax.alpha"]
   if fmt == "lora_kohya":
-    # kohya prefixes follow the number of text encoders (lora_te_ vs lora_te1_/lora_te2_); the family says whether
-    # kohya's tools name UNet modules by their original path (SDXL) or by diffusers' (SD)
-    tensors = lora_files.to_kohya(factors, alpha, lora_files.kohya_prefixes(pipe.family.TEXT_ENCODERS),
-                                  unet_names=pipe.family.kohya_unet_names(pipe.configs))
+    # the family's kohya layout: prefixes, and the denoiser's module names (SD diffusers', SDXL SGM, Flux fused BFL)
+    tensors = pipe.family.to_kohya_lora(factors, alpha, pipe.configs)
     extra = {}
   else:
     tensors, extra = lora_files.to_diffusers_peft(factors, alpha)

@@ -33,7 +33,8 @@ KOHYA_PREFIXES_SDXL = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_
 # Reading: every kohya prefix and the component it names (lora_te_ and lora_te1_ are both the first text encoder).
 KOHYA_COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2"}
-PEFT_PREFIXES = {"unet": "unet.", "text_encoder": "text_encoder.", "text_encoder_2": "text_encoder_2."}
+PEFT_PREFIXES = {"unet": "unet.", "transformer": "transformer.", "text_encoder": "text_encoder.",
+                 "text_encoder_2": "text_encoder_2."}
 PEFT_METADATA_KEY = "lora_adapter_metadata"
 # UNet module names of the original SGM/ldm layout (kohya SDXL), as opposed to diffusers' down_blocks/mid_block/...
 SGM_UNET_NAME = re.compile(r"(input_blocks|middle_block|output_blocks|label_emb|time_embed|out)_\d")
@@ -234,10 +235,10 @@ def from_diffusers_peft(sd: dict, metadata: dict | None = None) -> tuple[dict[st
   """
   groups = collections.defaultdict(dict)
   for key, value in sd.items():
-    match = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight", key)
+    match = re.fullmatch(r"(unet|transformer|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B)\.weight", key)
     if not match:
-      raise LoraFormatError(f"{key}: not a diffusers PEFT LoRA key (unet.*/text_encoder.*/text_encoder_2.* ending "
-                            "in .lora_A.weight or .lora_B.weight)")
+      raise LoraFormatError(f"{key}: not a diffusers PEFT LoRA key (unet.*/transformer.*/text_encoder.*/"
+                            "text_encoder_2.* ending in .lora_A.weight or .lora_B.weight)")
     groups[(match[1], match[2])][match[3]] = np.asarray(value)
   config = json.loads((metadata or {}).get(PEFT_METADATA_KEY) or "{}")
   entries, alphas = collections.defaultdict(dict), {}
@@ -340,12 +341,14 @@ def lora_targets(state_dict: dict) -> dict[str, tuple]:
 
 
 def read_lora(tensors: dict, metadata: dict | None, *, family_name: str, text_encoders, unet_names: dict | None = None,
-              known_modules_by_component: dict | None = None, source: str = "LoRA") -> tuple[dict[str, dict], float]:
+              known_modules_by_component: dict | None = None, source: str = "LoRA",
+              kohya_reader=None) -> tuple[dict[str, dict], float]:
   """({component: lora}, alpha) of a LoRA file in any spelling we know, for a family with these text encoders.
 
   Refuses, naming the file (source) and a key, a file whose names say it was made for the other family (lora_te_
   on a two-encoder model, lora_te1_/lora_te2_/text_encoder_2./SGM UNet names on a one-encoder model), and, with
   known_modules_by_component, one whose modules or shapes do not exist in the model (check_lora_matches).
+  kohya_reader(tensors, known_modules): the family's kohya layout (families' from_kohya_lora); default SD's.
   """
   spelling = lora_spelling(tensors)
   hint = lora_family_hint(tensors)
@@ -358,7 +361,8 @@ def read_lora(tensors: dict, metadata: dict | None, *, family_name: str, text_en
     if spelling == "peft":
       factors, alpha = from_diffusers_peft(tensors, metadata)
     else:
-      factors, alpha = from_kohya(tensors, unet_names=unet_names, known_modules=known)
+      factors, alpha = (kohya_reader(tensors, known) if kohya_reader is not None
+                        else from_kohya(tensors, unet_names=unet_names, known_modules=known))
   except LoraFormatError as e:
     if spelling != "peft" and known is not None and "matches no module" in str(e):
       # A kohya name the model lacks: re-read by the SD vocabulary alone so that the refusal can list every
@@ -416,7 +420,7 @@ def read_lora_for(pipe, path) -> tuple[dict[str, dict], float]:
   known = {c: lora_lib.linear_shapes(pipe.modules[c]) for c in targets}
   return read_lora(tensors, metadata, family_name=family.NAME, text_encoders=family.TEXT_ENCODERS,
                    unet_names=family.kohya_unet_names(pipe.configs), known_modules_by_component=known,
-                   source=str(path))
+                   source=str(path), kohya_reader=lambda t, k: family.from_kohya_lora(t, pipe.configs, k))
 
 
 def apply_lora_files(pipe, files) -> None:

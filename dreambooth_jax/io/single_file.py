@@ -20,7 +20,6 @@ from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import diffusers_folder, safetensors as safetensors_io, single_file_keys, tokenizers
 from dreambooth_jax.io.safetensors import CheckpointError
 from dreambooth_jax.models import lora
-from dreambooth_jax.sampling import schedules
 
 
 def detect_family(tensors, where: str = "single file"):
@@ -104,7 +103,7 @@ def load_single_file_pipeline(path, *, config="auto", dtype=jnp.float32, param_d
                                                       param_dtype=param_dtype)
   return Pipeline(family=family, modules=modules,
                   tokenizers={t: tokenizers.load_config_tokenizer(folder, t) for t in family.TOKENIZERS},
-                  schedule=schedules.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
+                  schedule=family.schedule_from_config(configs["scheduler"]), configs=configs, model_dir=None)
 
 
 def _torch_dict(module_or_state, component: str) -> dict[str, np.ndarray]:

@@ -1,6 +1,7 @@
 """Tokenizers (transformers' CLIPTokenizer, and T5TokenizerFast for T5 encoders: the one piece of transformers used at
 run time)."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -54,9 +55,26 @@ def tokenizer_class_of(folder: pathlib.Path) -> str:
   return name
 
 
+@dataclasses.dataclass
+class TokenizerSettings:
+  """A T5 tokenizer folder's settings without its vocabulary (bundled Flux configs: the memory plan needs only the
+  prompt length; nothing is bundled for T5's vocabulary). Tokenizing with it is an error naming the folder."""
+
+  folder: pathlib.Path
+  model_max_length: int
+
+  def __call__(self, *args, **kwargs):
+    raise FileNotFoundError(f"{self.folder}: settings only, no tokenizer.json (bundled configs); load the model's "
+                            "own folder (its tokenizer_2/) to tokenize")
+
+
 def load_config_tokenizer(folder: pathlib.Path, name: str = "tokenizer"):
   """The folder's tokenizer; for bundled configs the CLIP BPE with the folder's settings (SD 2.x and SDXL's second
-  tokenizer pad with "!"), kept as <name>/tokenizer_config.json or, for SD, <name>_config.json beside it."""
+  tokenizer pad with "!"), kept as <name>/tokenizer_config.json or, for SD, <name>_config.json beside it; a T5
+  folder without tokenizer.json (bundled Flux configs) its TokenizerSettings."""
+  config_file = folder / name / "tokenizer_config.json"
+  if (tokenizer_class_of(folder / name) in T5_CLASSES and not (folder / name / "tokenizer.json").is_file()):
+    return TokenizerSettings(folder / name, int(json.loads(config_file.read_text())["model_max_length"]))
   return load_tokenizer(folder / name, settings_file=folder / f"{name}_config.json"
                                    if (folder / f"{name}_config.json").is_file() else None)
 

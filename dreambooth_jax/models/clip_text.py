@@ -200,3 +200,10 @@ def projection_model_keys(state_dict: dict) -> dict:
       key = f"text_model.{key}"
     out[key] = value
   return out
+
+
+def hub_keys(state_dict: dict) -> dict:
+  """Our CLIP state dict as hub checkpoints (and transformers 4.x) write it: the transformer under `text_model.`
+  (what a diffusers folder's text_encoder*/ holds; the inverse of the loader's key clean-up)."""
+  return {k if k.startswith(("text_model.", "text_projection.")) else f"text_model.{k}": v
+          for k, v in state_dict.items()}

@@ -72,8 +72,9 @@ class LoRASettings:
     return self.unet_targets if role == "denoiser" else self.text_targets
 
 
-def settings_from_config(config) -> LoRASettings:
-  """LoRASettings from a dict / ml_collections.ConfigDict (e.g. config.lora):
+def settings_from_config(config, family=None) -> LoRASettings:
+  """LoRASettings from a dict / ml_collections.ConfigDict (e.g. config.lora) and the model family (its
+  LORA_ATTENTION / LORA_FEED_FORWARD denoiser targets; None: SD's):
     rank, alpha (None = rank), dropout, init, feed_forward (add ff.net.0.proj/ff.net.2 to the UNet targets),
     text_encoder (LoRA on q/k/v/out_proj of the text encoder), text_mlp (and fc1/fc2),
     or explicit unet_targets / text_targets lists (module-name suffixes) instead of the switches.
@@ -84,7 +85,9 @@ def settings_from_config(config) -> LoRASettings:
   unknown = sorted(set(c) - known)
   if unknown:
     raise ValueError(f"lora config: unknown keys {unknown} (known: {sorted(known)})")
-  unet = tuple(c.get("unet_targets") or UNET_ATTENTION + (UNET_FEED_FORWARD if c.get("feed_forward") else ()))
+  attention, feed_forward = ((family.LORA_ATTENTION, family.LORA_FEED_FORWARD) if family is not None
+                             else (UNET_ATTENTION, UNET_FEED_FORWARD))
+  unet = tuple(c.get("unet_targets") or attention + (feed_forward if c.get("feed_forward") else ()))
   text = tuple(c.get("text_targets") or TEXT_ATTENTION + (TEXT_MLP if c.get("text_mlp") else ()))
   alpha = c.get("alpha")
   return LoRASettings(rank=int(c.get("rank", 4)), alpha=None if alpha is None else float(alpha),

@@ -25,6 +25,7 @@ UNSUPPORTED = ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_expo
                "stochastic_sampling", "use_flow_sigmas")
 
 
+@jax.tree_util.register_static  # hashable, no arrays: the training step takes it as a (leafless) argument
 @dataclasses.dataclass(frozen=True)
 class FlowMatchConfig:
   """The FlowMatchEulerDiscreteScheduler fields that FluxPipeline and the Flux training script read."""
@@ -106,6 +107,66 @@ def euler_step(x, velocity, sigma, sigma_next):
   model output's dtype."""
   prev = x.astype(jnp.float32) + (sigma_next - sigma) * velocity.astype(jnp.float32)
   return prev.astype(velocity.dtype)
+
+
+# ----------------------------------------------------------------------------------------------- the sampler
+
+SAMPLER_NAME = "flow_euler"  # FlowMatchEulerDiscreteScheduler, the one FluxPipeline uses
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class FlowPlan:
+  """sampling_schedule's tables for one step count and image size: sigmas (n+1,), model timesteps (n,)."""
+  sigmas: jax.Array
+  model_timesteps: jax.Array
+  steps: int = dataclasses.field(metadata=dict(static=True))
+
+
+# The sampler protocol of sampling/sampler.py (as sampling/schedulers.py for the noise-schedule families).
+
+def plan_for(config: FlowMatchConfig, settings, latent_shape_HWC) -> FlowPlan:
+  """The schedule FluxPipeline sets for settings.steps on a latent of latent_shape_HWC (its packed token count
+  (H/2)(W/2) sets the shift); the model timesteps divided in numpy (see model_timestep)."""
+  if settings.scheduler not in (None, SAMPLER_NAME):
+    raise ValueError(f"scheduler {settings.scheduler!r}: this flow-matching model samples with {SAMPLER_NAME!r} "
+                     "(FlowMatchEulerDiscreteScheduler) only")
+  if settings.karras or settings.eta:
+    raise ValueError("karras sigmas and eta do not apply to the flow-matching sampler; leave them off")
+  h, w, _ = latent_shape_HWC
+  sigmas, timesteps = sampling_schedule(config, settings.steps, (h // 2) * (w // 2))
+  return FlowPlan(sigmas=jnp.asarray(sigmas), model_timesteps=jnp.asarray(model_timestep(timesteps,
+                                                                                          config.num_train_timesteps)),
+                  steps=len(timesteps))
+
+
+def initial_noise_scale(plan: FlowPlan) -> float:
+  del plan
+  return 1.0
+
+
+def initial_carry(plan: FlowPlan, x):
+  del plan, x
+  return ()
+
+
+def scale_model_input(plan: FlowPlan, i, x):
+  del plan, i
+  return x
+
+
+def denoiser_timestep(plan: FlowPlan, i):
+  return plan.model_timesteps[i]
+
+
+def needs_noise(plan: FlowPlan) -> bool:
+  del plan
+  return False
+
+
+def step(plan: FlowPlan, i, velocity, x, carry, noise=None):
+  del noise
+  return euler_step(x, velocity, plan.sigmas[i], plan.sigmas[i + 1]), carry
 
 
 # ----------------------------------------------------------------------------------------------- training

@@ -1,6 +1,6 @@
 """Jitted batch sampling with classifier-free guidance, VAE decode included, sharded over a mesh, for every model
-family (the family tokenizes, encodes the text and calls its denoiser); the scheduler (DDIM, DPM++ 2M, Euler,
-Euler a) comes from sampling/schedulers.py.
+family (the family tokenizes, encodes the text, calls its denoiser and names its sampler: DDIM, DPM++ 2M, Euler,
+Euler a from sampling/schedulers.py for SD/SDXL, the flow-matching Euler of sampling/flow_matching.py for Flux).
 
 One `lax.fori_loop` over the scheduler's steps; conditional and unconditional halves go through the denoiser in one
 batched call. The whole generation (text encoding, loop, decode) is one compiled function per shape.
@@ -19,21 +19,29 @@ import numpy as np
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.sampling import schedulers
+from dreambooth_jax.sampling import flow_matching, schedulers
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
   steps: int = 50
-  guidance: float = 7.5
+  # SD/SDXL: the classifier-free guidance scale (1 = off); Flux: the distilled guidance input of guidance_embeds
+  # models (dev). None: the family's default (7.5; Flux 3.5).
+  guidance: float | None = None
   eta: float = 0.0
   height: int = 512
   width: int = 512
-  scheduler: str = "ddim"  # one of schedulers.SCHEDULERS
+  scheduler: str | None = None  # None: the family's (ddim; Flux flow_euler); else schedulers.SCHEDULERS
   karras: bool = False  # Karras sigmas (dpmpp_2m, euler)
+  true_cfg: float = 1.0  # Flux: real classifier-free guidance with a negative prompt when > 1 (FluxPipeline's)
 
   def __post_init__(self):
-    schedulers.check_name(self.scheduler, self.karras, self.eta)
+    if self.scheduler != flow_matching.SAMPLER_NAME:
+      schedulers.check_name(self.scheduler or "ddim", self.karras, self.eta)
+
+  def for_family(self, family) -> "SamplerSettings":
+    """The family's defaults filled in."""
+    return self if self.guidance is not None else dataclasses.replace(self, guidance=family.DEFAULT_GUIDANCE)
 
 
 def image_keys(seed: int, indices: Sequence[int]) -> jax.Array:
@@ -46,13 +54,15 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, jnp.float32))(keys_B)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "settings", "zero_uncond"))
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond"))
 def _generate(family, graphdefs, states, plan, cond_ids, uncond_ids, image_cond, latents_BHWC, keys_B, *,
-              settings, zero_uncond):
+              cfg_scale, zero_uncond):
   """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders.
-  zero_uncond: the unconditional text is zeros (the family's rule for an empty negative prompt)."""
+  cfg_scale: the classifier-free guidance scale (1: one unguided pass). zero_uncond: the unconditional text is
+  zeros (the family's rule for an empty negative prompt)."""
   modules = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
-  guided = settings.guidance != 1.0
+  sampler = family.SAMPLER
+  guided = cfg_scale != 1.0
   if guided and zero_uncond:
     cond = family.encode_text(modules, cond_ids)
     text = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), cond)
@@ -65,22 +75,22 @@ def _generate(family, graphdefs, states, plan, cond_ids, uncond_ids, image_cond,
   def step(i, x_and_carry):
     x_BHWC, carry = x_and_carry
     x_in = jnp.concatenate([x_BHWC, x_BHWC]) if guided else x_BHWC
-    x_in = schedulers.scale_model_input(plan, i, x_in)
-    t_B = jnp.full((x_in.shape[0],), plan.timesteps[i])
+    x_in = sampler.scale_model_input(plan, i, x_in)
+    t_B = jnp.full((x_in.shape[0],), sampler.denoiser_timestep(plan, i))
     out = family.denoise(modules, x_in, t_B, text, image_cond).astype(jnp.float32)
     if guided:
       uncond, cond = jnp.split(out, 2)
-      out = uncond + settings.guidance * (cond - uncond)
+      out = uncond + cfg_scale * (cond - uncond)
     noise = None
-    if schedulers.needs_noise(plan):  # DDIM eta > 0, Euler a: per image, per step
+    if sampler.needs_noise(plan):  # DDIM eta > 0, Euler a: per image, per step
       noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BHWC.shape[1:]))(keys_B)
-    return schedulers.step(plan, i, out, x_BHWC, carry, noise)
+    return sampler.step(plan, i, out, x_BHWC, carry, noise)
 
   latents_BHWC = latents_BHWC.astype(jnp.float32)
-  if schedulers.initial_noise_scale(plan) != 1.0:  # Euler: the pipeline scales given latents too
-    latents_BHWC = latents_BHWC * schedulers.initial_noise_scale(plan)
+  if sampler.initial_noise_scale(plan) != 1.0:  # Euler: the pipeline scales given latents too
+    latents_BHWC = latents_BHWC * sampler.initial_noise_scale(plan)
   latents_BHWC, _ = jax.lax.fori_loop(0, plan.steps, step,
-                                      (latents_BHWC, schedulers.initial_carry(plan, latents_BHWC)))
+                                      (latents_BHWC, sampler.initial_carry(plan, latents_BHWC)))
   vae = modules["vae"]
   images = vae.decode(vae.unscale_latents(latents_BHWC)).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0)  # [0, 1] floats, NHWC
@@ -99,6 +109,7 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   pad). `denoiser` overrides the pipeline's (e.g. the model being trained).
   """
   family = pipe.family
+  settings = settings.for_family(family)
   modules = {**pipe.modules, family.DENOISER: pipe.denoiser if denoiser is None else denoiser}
   batch = len(prompts)
   if isinstance(negative_prompt, str):
@@ -119,7 +130,7 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
                        f"{(batch, *latent_shape)} for {settings.height}x{settings.width}")
   cond = family.tokenize(pipe.tokenizers, prompts)
   uncond = family.tokenize(pipe.tokenizers, negative_prompt)
-  image_cond = family.sampling_image_conditioning(settings.height, settings.width, batch)
+  image_cond = family.sampling_image_conditioning(pipe.configs, settings, batch)
   key_data = np.asarray(jax.random.key_data(keys_B))
   if mesh is not None:  # every process holds the same full batch; each places the shards of its devices
     sharding = sharding_lib.batch_sharding(mesh)
@@ -131,10 +142,10 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   split = {name: nnx.split(modules[name]) for name in (family.DENOISER, "vae", *family.TEXT_ENCODERS)}
   graphdefs = tuple((name, graphdef) for name, (graphdef, _) in split.items())
   states = tuple(state for _, state in split.values())
-  plan = schedulers.make_plan(pipe.schedule, settings.scheduler, settings.steps, karras=settings.karras,
-                              eta=settings.eta)
+  plan = family.SAMPLER.plan_for(pipe.schedule, settings, latent_shape)
+  cfg_scale = float(family.guidance_scales(pipe.configs, settings, negative_prompt))
   return _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents, keys_B,
-                   settings=settings, zero_uncond=family.zero_unconditional(pipe.configs, negative_prompt))
+                   cfg_scale=cfg_scale, zero_uncond=family.zero_unconditional(pipe.configs, negative_prompt))
 
 
 def generate_all(pipe, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 4, first_index: int = 0,

@@ -202,6 +202,20 @@ def make_plan(schedule, name: str, steps: int, *, karras: bool = False, eta: flo
               steps=len(timesteps), eta=float(eta), init_noise_sigma=init)
 
 
+def plan_for(schedule, settings, latent_shape_HWC) -> Plan:
+  """The sampler protocol's plan (families.sd.SAMPLER): make_plan for a SamplerSettings (scheduler None = DDIM)."""
+  del latent_shape_HWC
+  name = settings.scheduler or "ddim"
+  if name not in SCHEDULERS:
+    raise ValueError(f"scheduler {name!r} is not one of this model's samplers {list(SCHEDULERS)}")
+  return make_plan(schedule, name, settings.steps, karras=settings.karras, eta=settings.eta)
+
+
+def denoiser_timestep(plan: Plan, i):
+  """The timestep the denoiser is given at step i."""
+  return plan.timesteps[i]
+
+
 def initial_noise_scale(plan: Plan) -> float:
   """== scheduler.init_noise_sigma: the pipeline multiplies the initial latents by it (Euler: sigma_max-ish)."""
   return plan.init_noise_sigma

@@ -15,7 +15,6 @@ import numpy as np
 from absl import logging
 
 from dreambooth_jax.sampling import sampler as sampling
-from dreambooth_jax.sampling import schedulers
 
 METRICS = ("dino", "clip_i", "clip_t")
 
@@ -33,7 +32,8 @@ def sample(view, prompts, config, mesh=None, size: tuple[int, int] | None = None
 
 
 def check_config(config):
-  schedulers.check_name(config.get("sample_scheduler", "ddim"), config.get("sample_karras", False))
+  sampling.SamplerSettings(scheduler=config.get("sample_scheduler", "ddim"),
+                           karras=config.get("sample_karras", False))  # refuses an unknown sampler by name
   if config.eval_steps and config.eval_metric not in METRICS:
     raise ValueError(f"eval_metric={config.eval_metric!r}: expected one of {list(METRICS)}")
   if config.eval_steps and not (config.eval_dino_model and config.eval_clip_model):

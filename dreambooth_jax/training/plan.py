@@ -66,8 +66,10 @@ def model_config_dir(config) -> pathlib.Path:
 def abstract_model(config, *, dtype, param_dtype, unet_kwargs) -> Pipeline:
   """The pipeline with every parameter a ShapeDtypeStruct."""
   with jax.default_device(jax.devices("cpu")[0]):
-    return diffusers_folder.random_pipeline(model_config_dir(config), seed=config.seed, dtype=dtype,
+    pipe = diffusers_folder.random_pipeline(model_config_dir(config), seed=config.seed, dtype=dtype,
                                             param_dtype=param_dtype, unet_kwargs=unet_kwargs, abstract=True)
+  pipe.family.set_max_sequence_length(pipe.tokenizers, config.get("max_sequence_length") or None)
+  return pipe
 
 
 # ------------------------------------------------------------------------------------------------- the plan

@@ -51,8 +51,8 @@ def resolve_defaults(config):
   from dreambooth_jax import families  # noqa: PLC0415
   from dreambooth_jax.training import plan  # noqa: PLC0415 (the model's config folder, no weights read)
   folder = plan.model_config_dir(config)
-  configs = {name: diffusers_folder.read_json(folder / name / "config.json") for name in ("unet", "vae")}
   family = families.for_model_index(diffusers_folder.read_json(folder / "model_index.json"), str(folder))
+  configs = {name: diffusers_folder.read_json(folder / name / "config.json") for name in (family.DENOISER, "vae")}
   config.resolution = family.default_resolution(configs)
   logging.info("resolution: %d (the %s model's default)", config.resolution, family.NAME)
   return config
@@ -70,6 +70,7 @@ def load_model(config) -> Pipeline:
         single_file_config=config.get("single_file_config", "auto"))
   except (ValueError, FileNotFoundError) as e:  # which setting to change: the message names the key
     raise cli.with_context(e, f"pretrained_model_name_or_path={config.pretrained_model_name_or_path!r}") from None
+  pipe.family.set_max_sequence_length(pipe.tokenizers, config.get("max_sequence_length") or None)
   check_resolution(config, pipe)
   return pipe
 
@@ -82,20 +83,20 @@ def check_resolution(config, pipe):
     raise ValueError(f"resolution={config.resolution}: this model takes multiples of {multiple} (e.g. {nearest})")
 
 
-def lora_settings(config) -> lora_lib.LoRASettings | None:
-  """config.lora as LoRASettings, or None when LoRA is off."""
+def lora_settings(config, family=None) -> lora_lib.LoRASettings | None:
+  """config.lora as LoRASettings (the family's default targets), or None when LoRA is off."""
   if not config.get("lora") or not config.lora.get("enabled"):
     return None
   if config.train_text_encoder:
     raise ValueError("train_text_encoder=True with lora.enabled=True: the text encoder would be fully trained; set "
                      "lora.text_encoder=True instead to train LoRA factors on it")
-  return lora_lib.settings_from_config(config.lora)
+  return lora_lib.settings_from_config(config.lora, family)
 
 
 def trainable_modules(pipe: Pipeline, config) -> dict:
   """The modules being trained: the denoiser, and the text encoders when they are trained. With config.lora they
   are LoRA-wrapped in place (factors initialised from the seed)."""
-  settings = lora_settings(config)
+  settings = lora_settings(config, pipe.family)
   names = [pipe.family.DENOISER] + (list(pipe.family.TEXT_ENCODERS) if batches.trains_text_encoder(config) else [])
   modules = {name: pipe.modules[name] for name in names}
   init = None

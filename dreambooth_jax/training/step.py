@@ -17,7 +17,7 @@ from flax import nnx
 
 from dreambooth_jax.models import lora as lora_lib
 from dreambooth_jax.training import optim
-from dreambooth_jax.sampling import schedules as schedule_lib
+from dreambooth_jax.sampling import flow_matching, schedules as schedule_lib
 
 ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-batches take 0, 1, ... of the step key)
 PRIOR_PRESERVATIONS = ("class_images", "base_output")
@@ -30,18 +30,27 @@ class LossSettings:
   snr_weighting: str = "min_snr"  # the v-prediction formula: schedules.min_snr_loss_weight
   offset_noise: float = 0.0  # 0 = off; else noise += offset_noise * N(0, 1) per (example, channel)
   prior_preservation: str = "class_images"  # the class examples' target: the noise (or v) | "base_output"
+  # flow matching (Flux): timestep density and loss weighting (flow_matching.WEIGHTING_SCHEMES), guidance input
+  weighting_scheme: str = "none"
+  logit_mean: float = 0.0
+  logit_std: float = 1.0
+  mode_scale: float = 1.29
+  guidance_scale: float = 3.5
 
   def __post_init__(self):  # refused at set-up, by name, not at the first traced step
     if self.snr_weighting not in schedule_lib.SNR_WEIGHTINGS:
       raise ValueError(f"snr_weighting={self.snr_weighting!r} is not one of {list(schedule_lib.SNR_WEIGHTINGS)}")
     if self.prior_preservation not in PRIOR_PRESERVATIONS:
       raise ValueError(f"prior_preservation={self.prior_preservation!r} is not one of {list(PRIOR_PRESERVATIONS)}")
+    flow_matching.check_weighting_scheme(self.weighting_scheme)
 
 
 def loss_settings(config) -> LossSettings:
+  """The config's loss keys (the flow-matching ones, which Flux reads, by LossSettings' names)."""
+  flow_keys = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
   return LossSettings(prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
                       snr_gamma=config.snr_gamma, snr_weighting=config.snr_weighting, offset_noise=config.offset_noise,
-                      prior_preservation=config.prior_preservation)
+                      prior_preservation=config.prior_preservation, **{k: config[k] for k in flow_keys})
 
 
 def base_modules(graphdefs: dict, params: dict, frozen: dict, settings: LossSettings) -> dict | None:
@@ -117,18 +126,16 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
   noise = draw(lambda k: jax.random.normal(k, shape_HWC, jnp.float32), 1)
   if settings.offset_noise:
     noise = noise + settings.offset_noise * draw(lambda k: jax.random.normal(k, (1, 1, shape_HWC[-1])), 2)
-  t_B = draw(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps), 3)
-  x_t = schedule_lib.add_noise(schedule, x0, noise, t_B)
-  target = schedule_lib.training_target(schedule, x0, noise, t_B)
+  # the family's objective: timesteps (from each example's key 3), noised input, target, loss weight
+  noised = family.training_inputs(modules, schedule, x0, noise, keys_B4[:, 3], settings)
+  image, target = {**image, **noised.image}, noised.target
   if base is not None:
-    base_prediction = jax.lax.stop_gradient(family.denoise(base, x_t, t_B, encode(base), image).astype(jnp.float32))
+    base_prediction = jax.lax.stop_gradient(
+        family.denoise(base, noised.x_t, noised.t_B, encode(base), image).astype(jnp.float32))
     target = jnp.where(micro["prior"][:, None, None, None] > 0, base_prediction, target)
-  prediction = family.denoise(modules, x_t, t_B, text, image).astype(jnp.float32)
-  mse_B = jnp.mean(jnp.square(prediction - target), axis=(1, 2, 3))
-  if settings.snr_gamma:
-    mse_B = mse_B * schedule_lib.min_snr_loss_weight(schedule, t_B, settings.snr_gamma,
-                                                     settings.snr_weighting)
-  return mse_B
+  prediction = family.denoise(modules, noised.x_t, noised.t_B, text, image)
+  mse_B = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
+  return mse_B if noised.weight_B is None else mse_B * noised.weight_B
 
 
 def combine_losses(mse_B, prior_B, prior_loss_weight: float):
