@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
   c.weighting_scheme = "none"
   c.max_sequence_length = 512
   c.mixed_precision = "bf16"
-  c.param_dtype = "bfloat16"  # the frozen 12B base in bf16; the LoRA factors are the only trained params
+  c.param_dtype = "bfloat16"  # the frozen 12B base in bf16; the LoRA factors (always float32) are the only trained params
   c.remat = "full"
   # class images and validation: FluxPipeline's sampler and guidance
   c.sample_scheduler = "flow_euler"

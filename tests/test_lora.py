@@ -219,3 +219,16 @@ def test_settings_from_config(tiny_sd1_dir):
   unet, _ = weights.load_component(tiny_sd1_dir, families.get("sd"), "unet")
   with pytest.raises(ValueError, match=r"denoiser: no nnx\.Linear matches the LoRA targets \['to_z'\]"):
     lora.apply_lora(unet, lora.LoRASettings(unet_targets=("to_z",)), rngs=nnx.Rngs(0))
+
+
+def test_factors_are_float32_over_a_bf16_base():
+  """bf16 base weights (the one-device Flux / SDXL set-up) keep float32 factors, as PEFT's autocast_adapter_dtype;
+  the layer computes in the base's dtype and its output at init is the base's output."""
+  base = nnx.Linear(16, 8, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+  layer = lora.LoRALinear(base, 4, 1.0, rngs=nnx.Rngs(1))
+  assert layer.kernel[...].dtype == jnp.bfloat16
+  assert layer.lora_down[...].dtype == jnp.float32 and layer.lora_up[...].dtype == jnp.float32
+  x = jnp.ones((2, 16), jnp.bfloat16)
+  out = layer(x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(base(x), np.float32))

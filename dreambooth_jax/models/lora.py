@@ -97,8 +97,14 @@ def settings_from_config(config, family=None) -> LoRASettings:
 
 # ------------------------------------------------------------------------------------------------- the layer
 
+# The factors are float32 whatever the base weights are (PEFT's autocast_adapter_dtype): with a bf16 base (Flux,
+# SDXL on one device) the frozen weights carry the memory saving, and the trained factors keep lr-sized updates.
+FACTOR_DTYPE = jnp.float32
+
+
 class LoRALinear(nnx.Module):
-  """An nnx.Linear (same `kernel`/`bias`) plus a scaled low-rank update; computes in the base's dtype."""
+  """An nnx.Linear (same `kernel`/`bias`) plus a scaled low-rank update with float32 factors; computes in the base's
+  dtype."""
 
   def __init__(self, base: nnx.Linear, rank: int, scale: float, *, rngs: nnx.Rngs, init: str = "kaiming",
                dropout: float = 0.0):
@@ -111,11 +117,11 @@ class LoRALinear(nnx.Module):
     key = rngs.params()
     if init == "kaiming":  # torch kaiming_uniform_(a=sqrt(5)) on a (rank, in) weight: U(-1/sqrt(in), 1/sqrt(in))
       bound = 1.0 / np.sqrt(self.in_features)
-      down = jax.random.uniform(key, (self.in_features, rank), self.param_dtype, -bound, bound)
+      down = jax.random.uniform(key, (self.in_features, rank), FACTOR_DTYPE, -bound, bound)
     else:
-      down = jax.random.normal(key, (self.in_features, rank), self.param_dtype) / rank
+      down = jax.random.normal(key, (self.in_features, rank), FACTOR_DTYPE) / rank
     self.lora_down = LoRAParam(down)
-    self.lora_up = LoRAParam(jnp.zeros((rank, self.out_features), self.param_dtype))
+    self.lora_up = LoRAParam(jnp.zeros((rank, self.out_features), FACTOR_DTYPE))
     self.dropout_key = nnx.data(None)
 
   def __call__(self, x):
@@ -269,8 +275,8 @@ def load_lora_factors(module: nnx.Module, factors: dict, *, alpha: float | None 
                        f"down {want_down} / up {want_up} (rank {node.rank})")
     if alpha is not None:
       up = up * np.float32(alpha / node.rank / node.scale)
-    node.lora_down.set_value(jnp.asarray(down.T, node.param_dtype))
-    node.lora_up.set_value(jnp.asarray(up.T, node.param_dtype))
+    node.lora_down.set_value(jnp.asarray(down.T, FACTOR_DTYPE))
+    node.lora_up.set_value(jnp.asarray(up.T, FACTOR_DTYPE))
 
 
 def with_lora_params(module: nnx.Module, lora_params) -> nnx.Module:
