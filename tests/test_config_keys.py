@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("name, arg", [("common.py", None), ("tiny.py", None), ("tiny.py", "lora"), ("dog.py", None),
-                                       ("dog_sd21.py", None), ("dog_sdxl.py", None), ("dog_sdxl.py", "lora")])
+                                       ("dog_sd21.py", None), ("dog_sdxl.py", None), ("dog_sdxl.py", "lora"),
+                                       ("dog_flux.py", None), ("dog_flux.py", "1024")])
 def test_shipped_configs_set_only_known_keys(name, arg):
   config_files.check_known(config_files.load(ROOT / "configs" / name, arg))
 
