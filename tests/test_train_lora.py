@@ -2,6 +2,7 @@
 preservation and validation run, a resumed run repeats the same losses, and every export format loads."""
 
 import copy
+import json
 import shutil
 import subprocess
 import sys
@@ -75,7 +76,8 @@ def test_lora_resume_repeats_the_losses(lora_run, tmp_path):
   (workdir / "export").exists() and shutil.rmtree(workdir / "export")
   run.train(lora_config(), workdir)
   assert read_losses(workdir) == read_losses(lora_run)
-  val = lambda w: [r for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines()) if "loss" not in r]
+  val = lambda w: [r for r in map(json.loads, (w / "metrics.jsonl").read_text().splitlines())
+                   if "val/instance_loss" in r]  # the validation-loss records
   assert val(lora_run) == [{"step": STEPS, "val/instance_loss": val(lora_run)[0]["val/instance_loss"],
                             "val/prior_loss": val(lora_run)[0]["val/prior_loss"]}]
   assert val(workdir)[-1] == val(lora_run)[0]  # the same params (the EMA), the same validation loss
