@@ -177,7 +177,10 @@ class TrainData:
     self.schema = batch_schema(config, pipe)
     self.latents = None
     if caches_latents(config):
-      self.latents = {name: self._cache_latents(pipe.vae, images) for name, images in self.sets.items()}
+      self.latents = {"instance": self._cache_latents(pipe.vae, self.sets["instance"])}
+      if "class" in self.sets:  # base_output's class set is the instance photos: the same posteriors
+        self.latents["class"] = (self.latents["instance"] if uses_base_output(config)
+                                 else self._cache_latents(pipe.vae, self.sets["class"]))
     self.caches_text = caches_text(config)
     self.family, self.tokenizers = pipe.family, pipe.tokenizers
     if self.caches_text:  # the encoded text of each distinct caption, one table row per caption
