@@ -9,17 +9,15 @@ proportion to its instance images, generated at its size as `class_{H}x{W}_{i:05
 bucket); images from elsewhere count towards the bucket of their aspect ratio.
 """
 
+import dataclasses
 import json
 import logging
 import os
 import pathlib
 
 import jax
-from PIL import Image
-
-import dataclasses
-
 import numpy as np
+from PIL import Image
 
 from dreambooth_jax.sampling import sampler as sampling
 from dreambooth_jax.data import buckets as buckets_lib
