@@ -76,6 +76,17 @@ def test_sampler_matches_flux_pipeline(flux_pipe, tiny_flux_dir, true_cfg):
   np.testing.assert_allclose(np.asarray(got), want, atol=2e-4)
 
 
+def test_flux_samples_with_t5_freed(flux_pipe):
+  """Flux's text encoders (T5 and CLIP) freed, their outputs kept for the prompts: the same images with distilled
+  guidance and true CFG with a negative prompt (fp32, 1e-5)."""
+  settings = sampler.SamplerSettings(steps=2, guidance=3.5, height=SIZE, width=SIZE, true_cfg=2.0)
+  want = sampler.generate(flux_pipe, [PROMPT], [0], settings=settings, negative_prompt="a blurry photo")
+  freed = sampler.free_text_encoders(flux_pipe, [PROMPT, "a blurry photo"])
+  assert freed.modules["text_encoder_2"] is None and freed.modules["text_encoder"] is None
+  got = sampler.generate(freed, [PROMPT], [0], settings=settings, negative_prompt="a blurry photo")
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
 def test_flux_refuses_other_samplers_and_schnell_guidance(flux_pipe):
   with pytest.raises(ValueError, match="flow_euler"):
     sampler.generate(flux_pipe, [PROMPT], [0], settings=sampler.SamplerSettings(steps=1, height=SIZE, width=SIZE,

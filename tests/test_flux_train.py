@@ -63,7 +63,9 @@ def test_training_inputs_are_the_flux_scripts(scheme):
 def flux_run(tiny_flux_dir, tmp_path_factory):
   from dreambooth_jax.training import run
   workdir = tmp_path_factory.mktemp("flux") / "run"
-  run.train(flux_config(tiny_flux_dir, "weighting_scheme=logit_normal"), workdir)
+  job = run.train(flux_config(tiny_flux_dir, "weighting_scheme=logit_normal"), workdir)
+  # text embeddings cached, LoRA: T5 and CLIP freed after set-up; validation sampled from the kept prompts
+  assert job.pipe.modules["text_encoder_2"] is None and job.pipe.modules["text_encoder"] is None
   return workdir
 
 

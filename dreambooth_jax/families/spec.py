@@ -40,6 +40,9 @@ class Pipeline:
   schedule: Any
   configs: dict  # raw config.json dicts per component, plus "scheduler" and "model_index"
   model_dir: pathlib.Path | None = None
+  # prompt -> the family's encode_text outputs for it (each without a batch axis): what sampling reads once the
+  # text encoders have been freed (sampling/sampler.py free_text_encoders)
+  text_cache: dict | None = None
 
   @property
   def denoiser(self):

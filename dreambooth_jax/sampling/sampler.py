@@ -54,21 +54,21 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, jnp.float32))(keys_B)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond"))
-def _generate(family, graphdefs, states, plan, cond_ids, uncond_ids, image_cond, latents_BHWC, keys_B, *,
-              cfg_scale, zero_uncond):
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded"))
+def _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, keys_B, *,
+              cfg_scale, zero_uncond, encoded=False):
   """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders.
+  cond/uncond: token ids, or with `encoded` the text encoders' outputs (their cache, the encoders freed).
   cfg_scale: the classifier-free guidance scale (1: one unguided pass). zero_uncond: the unconditional text is
   zeros (the family's rule for an empty negative prompt)."""
   modules = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
   sampler = family.SAMPLER
   guided = cfg_scale != 1.0
+  encode = (lambda text: text) if encoded else (lambda ids: family.encode_text(modules, ids))
   if guided and zero_uncond:
-    cond = family.encode_text(modules, cond_ids)
-    text = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), cond)
+    text = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), encode(cond))
   else:
-    ids = jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond_ids, cond_ids) if guided else cond_ids
-    text = family.encode_text(modules, ids)
+    text = encode(jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond) if guided else cond)
   if guided:
     image_cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), image_cond)
 
@@ -128,8 +128,10 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
     if latents.shape != (batch, *latent_shape):
       raise ValueError(f"init latents have shape {tuple(latents.shape)} (NHWC), expected "
                        f"{(batch, *latent_shape)} for {settings.height}x{settings.width}")
-  cond = family.tokenize(pipe.tokenizers, prompts)
-  uncond = family.tokenize(pipe.tokenizers, negative_prompt)
+  encoded = any(modules.get(name) is None for name in family.TEXT_ENCODERS)  # freed: read their cache
+  read = (lambda p: cached_text(pipe, p)) if encoded else (lambda p: family.tokenize(pipe.tokenizers, p))
+  zero_uncond = family.zero_unconditional(pipe.configs, negative_prompt)
+  cond, uncond = read(prompts), (None if zero_uncond and encoded else read(negative_prompt))
   image_cond = family.sampling_image_conditioning(pipe.configs, settings, batch)
   key_data = np.asarray(jax.random.key_data(keys_B))
   if mesh is not None:  # every process holds the same full batch; each places the shards of its devices
@@ -139,13 +141,46 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
                                 for tree in (cond, uncond, image_cond))
     latents, key_data = place(np.asarray(latents)), place(key_data)
   keys_B = jax.random.wrap_key_data(key_data)
-  split = {name: nnx.split(modules[name]) for name in (family.DENOISER, "vae", *family.TEXT_ENCODERS)}
+  split = {name: nnx.split(modules[name]) for name in (family.DENOISER, "vae", *family.TEXT_ENCODERS)
+           if modules[name] is not None}
   graphdefs = tuple((name, graphdef) for name, (graphdef, _) in split.items())
   states = tuple(state for _, state in split.values())
   plan = family.SAMPLER.plan_for(pipe.schedule, settings, latent_shape)
   cfg_scale = float(family.guidance_scales(pipe.configs, settings, negative_prompt))
   return _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents, keys_B,
-                   cfg_scale=cfg_scale, zero_uncond=family.zero_unconditional(pipe.configs, negative_prompt))
+                   cfg_scale=cfg_scale, zero_uncond=zero_uncond, encoded=encoded)
+
+
+def cached_text(pipe, prompts: Sequence[str]) -> dict:
+  """The text conditioning of `prompts` from pipe.text_cache (stacked on a batch axis)."""
+  missing = sorted({p for p in prompts if p not in (pipe.text_cache or {})})
+  if missing:
+    raise ValueError(f"the text encoders were freed after caching and these prompts were not cached: {missing}; "
+                     "sample with a pipeline that still has them (e.g. python -m dreambooth_jax.sample)")
+  return {k: np.stack([pipe.text_cache[p][k] for p in prompts]) for k in pipe.family.TEXT_KEYS}
+
+
+def free_text_encoders(pipe, prompts: Sequence[str], batch_size: int = 8):
+  """pipe without its text encoders, their outputs for `prompts` kept in its text_cache: what a run whose text
+  embeddings are cached keeps for validation and evaluation (Flux's T5-XXL alone is 4.7B parameters). Encoded by
+  the family's encode_text, as the sampler would encode them."""
+  family, prompts = pipe.family, sorted(set(prompts))
+  encoders = {name: pipe.modules[name] for name in family.TEXT_ENCODERS}
+  cache = dict(pipe.text_cache or {})
+  for start in range(0, len(prompts), batch_size):
+    chunk = prompts[start:start + batch_size]
+    text = jax.device_get(_encode_text(family, encoders, family.tokenize(pipe.tokenizers, chunk)))
+    cache.update({p: {k: np.asarray(text[k][i]) for k in family.TEXT_KEYS} for i, p in enumerate(chunk)})
+  freed = dataclasses.replace(pipe, modules={**pipe.modules, **{name: None for name in family.TEXT_ENCODERS}},
+                              text_cache=cache)
+  logging.info("text encoders %s freed; %d prompt(s) kept encoded for sampling", list(family.TEXT_ENCODERS),
+               len(prompts))
+  return freed
+
+
+@nnx.jit(static_argnums=0)
+def _encode_text(family, modules, ids):
+  return family.encode_text(modules, ids)
 
 
 def generate_all(pipe, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 4, first_index: int = 0,

@@ -31,6 +31,17 @@ def sample(view, prompts, config, mesh=None, size: tuple[int, int] | None = None
       view, prompts, seed=config.seed, batch_size=config.num_validation_images or 4, settings=settings, mesh=mesh)])
 
 
+def eval_prompts(config) -> list[str]:
+  return list(config.eval_prompts) or [config.validation_prompt or config.instance_prompt]
+
+
+def sampling_prompts(config) -> list[str]:
+  """Every prompt a run samples after set-up (validation, evaluation, and the empty negative prompt): what it keeps
+  encoded when it frees the text encoders."""
+  prompts = [""] + ([config.validation_prompt] if config.validation_prompt else [])
+  return prompts + (eval_prompts(config) if config.get("eval_steps") else [])
+
+
 def check_config(config):
   sampling.SamplerSettings(scheduler=config.get("sample_scheduler", "ddim"),
                            karras=config.get("sample_karras", False))  # refuses an unknown sampler by name
@@ -53,7 +64,7 @@ class Evaluator:
 
     self.config, self.workdir, self.primary = config, workdir, primary
     self.metric = config.eval_metric
-    self.prompts = list(config.eval_prompts) or [config.validation_prompt or config.instance_prompt]
+    self.prompts = eval_prompts(config)
     self.enc = evaluate.load_encoders(config.eval_dino_model, config.eval_clip_model,
                                       lpips_model=config.get("eval_lpips_model") or None,
                                       lpips_net=config.get("eval_lpips_net", "alex"))

@@ -208,6 +208,11 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
                                        seed=config.seed, settings=settings, batch_size=config.sample_batch_size,
                                        mesh=mesh)
   data = batches.TrainData(config, pipe, mesh, workdir, instance=instance)
+  if batches.caches_text(config) and run_state.lora_settings(config):
+    # the step reads cached embeddings, and the LoRA export writes factors only: keep the text encoders' outputs
+    # for the prompts sampled later and free them (Flux's T5-XXL: 4.7B parameters). A full fine-tune's export
+    # writes the whole pipeline, text encoders included, so it keeps them.
+    pipe = sampler.free_text_encoders(pipe, in_training_eval.sampling_prompts(config))
   frozen = jax.device_put(frozen, step.frozen_shardings)
 
   mgr = checkpoint.manager(workdir, config.checkpoints_total_limit,
