@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure in one call (fits ~8 minutes on one H100/H200): writes one JSON line per benchmark to
+# Every GPU figure in one call (about 8 minutes on one H100/H200, plus up to 5 for Flux): writes one JSON line per benchmark to
 # ${OUT:-gpu_results}/gpu_suite.jsonl and a log beside it. Run on the device machine from the repository root,
 # after `bash benchmarks/prepare_gpu_wheels.sh` here (carry wheels/):
 #   bash benchmarks/gpu_suite.sh
@@ -38,5 +38,9 @@ bench sd15_sampler 90 python benchmarks/sample.py --model=sd15 --batch=8 --steps
 bench sd15_memory_plan 60 python benchmarks/memory_plan.py --model=sd15 --resolution=512 --variants=baseline,lora16
 bench sdxl_lora_1024 120 python benchmarks/train_step.py --model=sdxl --resolution=1024 --batch=1 \
     --mixed_precision=bf16 --lora=4 --steps=10 --no_torch --peak_tflops=989
+# issue #14: FLUX.1-dev LoRA (configs/dog_flux.py:1024: rank 4 with feed-forward, bf16 base, remat full), random
+# weights, batch 1; targets <= 1.5 s per step and <= 40 GiB peak (the result's "targets")
+bench flux_dev_lora_1024 300 python benchmarks/train_step.py --model=flux-dev --resolution=1024 --batch=1 --lora=4 \
+    --steps=5 --warmup=2 --peak_tflops=989
 echo "wrote $results" >&2
 cat "$results"
