@@ -176,6 +176,7 @@ REG_CAT = REG.replace("1_dog", "1_cat").replace('"dog"', '"cat"')
     ("[general]\nbucket_no_upscale = true\n" + SUBSET, "general.bucket_no_upscale=true is not supported"),
     ("[general]\nresize_interpolation = \"lanczos\"\n" + SUBSET,
      "general.resize_interpolation=\"lanczos\" is not supported: images are resized bilinear (PIL); remove it"),
+    ("[general]\nbatch_size = 0\n" + SUBSET, "general.batch_size=0: must be >= 1"),
     ("[general]\nresolution = [768, 512]\n" + SUBSET,
      "general.resolution=[768, 512] is not supported: one square training resolution (other aspect ratios: "
      "enable_bucket=true); use one number"),
@@ -267,6 +268,10 @@ def test_apply_dataset_config_sets_the_config(kohya_dir):
   settings, concepts = kohya_toml.read_dataset_config(config.dataset_config)
   assert config.concepts == concepts and all(config[k] == v for k, v in settings.items())
   config_files.check_known(config)
+  saved = config.to_json_best_effort()
+  kohya_toml.apply_dataset_config(config)  # a run's config read back: already applied, unchanged
+  assert config.to_json_best_effort() == saved
+  config.concepts = [{"name": "dog", "instance_data_dir": "elsewhere"}]
   with pytest.raises(ValueError, match=re.escape(f"dataset_config={config.dataset_config} and concepts are both "
                                                  "set: the TOML's subsets are the concepts; set one of them")):
     kohya_toml.apply_dataset_config(config)

@@ -234,6 +234,8 @@ def _settings(general: dict, datasets: list[dict], subsets: list[dict]) -> dict:
         raise ValueError(f"{resolved[0][2]}.resolution={_toml(value)} is not supported: one square training "
                          "resolution (other aspect ratios: enable_bucket=true); use one number")
       value = value[0]
+    if convert is int and value < 1:
+      raise ValueError(f"{resolved[0][2]}.{key}={value}: must be >= 1")
     settings[ours] = convert(value)
   for key, (ours, convert) in SUBSET_SETTINGS.items():
     value = _one_per_run(key, ours, [(s["where"], *_resolve(key, s["levels"])) for s in subsets])
@@ -342,13 +344,14 @@ def read_dataset_config(path) -> tuple[dict, list[dict]]:
 
 
 def apply_dataset_config(config) -> None:
-  """config.dataset_config set: its concepts and settings written into config (each logged)."""
+  """config.dataset_config set: its concepts and settings written into config (each logged). A config that already
+  holds the TOML's concepts (a run's saved config.json read back) is left as it is."""
   if not config.dataset_config:
     return
-  if config.concepts:
+  settings, concepts = read_dataset_config(config.dataset_config)
+  if config.concepts and list(config.concepts) != concepts:
     raise ValueError(f"dataset_config={config.dataset_config} and concepts are both set: the TOML's subsets are the "
                      "concepts; set one of them")
-  settings, concepts = read_dataset_config(config.dataset_config)
   for key, value in settings.items():
     if key not in config:
       raise ValueError(f"dataset_config={config.dataset_config}: sets {key}, which this trainer does not have "
