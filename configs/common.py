@@ -31,6 +31,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.center_crop = True
   c.random_flip = False
   c.on_bad_image = "error"  # or "skip"
+  c.concepts = []  # several subjects; see README
+  # kohya-ss/sd-scripts' dataset TOML ([general], [[datasets]], [[datasets.subsets]]): its subsets become `concepts`
+  # and its resolution, batch_size, buckets and flips these settings (README, "kohya dataset TOML"); "" = off
+  c.dataset_config = ""
   c.cache_latents = True  # cache VAE posteriors (needs center_crop) and frozen text embeddings
   # Aspect-ratio buckets (kohya's settings): each image goes to the bucket of nearest aspect ratio among kohya's
   # make_bucket_resolutions, of about resolution^2 pixels, is resized to cover it and cropped (centred with

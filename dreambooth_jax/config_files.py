@@ -67,7 +67,7 @@ def unknown_keys(config, known=None) -> list[str]:
 
 
 def describe_unknown(keys, known=None) -> str:
-  """'learning_rat (did you mean learning_rate?), concepts (no similar setting)'."""
+  """'learning_rat (did you mean learning_rate?), subjects (no similar setting)'."""
   names = list(_flat_keys(defaults() if known is None else known))
   parts = []
   for key in keys:

@@ -23,14 +23,14 @@ def test_shipped_configs_set_only_known_keys(name, arg):
 def test_unknown_keys_are_named_with_the_nearest_known_one():
   config = config_files.load(ROOT / "configs" / "tiny.py")
   config.learning_rat = 1e-4
-  config.concepts = [{"name": "dog"}]
+  config.subjects = [{"name": "dog"}]
   config.lora.rnak = 8
-  assert config_files.unknown_keys(config) == ["concepts", "learning_rat", "lora.rnak"]
+  assert config_files.unknown_keys(config) == ["learning_rat", "lora.rnak", "subjects"]
   with pytest.raises(ValueError) as error:
     config_files.check_known(config, "my.py")
   message = str(error.value)
-  assert message.startswith("my.py: unknown setting(s) concepts (no similar setting), learning_rat (did you mean "
-                            "learning_rate?), lora.rnak (did you mean lora.rank?)"), message
+  assert message.startswith("my.py: unknown setting(s) learning_rat (did you mean learning_rate?), lora.rnak (did you "
+                            "mean lora.rank?), subjects (no similar setting)"), message
   with pytest.raises(ValueError, match="learning_rat"):  # the Python API refuses before any work
     run.train(config, pathlib.Path("/nonexistent/never/created"))
   with pytest.raises(ValueError, match="lora.rnak"):

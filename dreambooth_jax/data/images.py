@@ -102,6 +102,28 @@ def read_captions(folder: pathlib.Path, names: set[str]) -> dict[str, str]:
   return captions
 
 
+def read_caption_files(folder, names, extension: str) -> dict[str, str]:
+  """{image name: caption} from kohya's caption files: NAME.jpg's caption is the first line of NAME + extension
+  (".caption", ".txt") beside it, stripped (kohya's later lines are wildcard alternatives). "" = no caption files.
+  Images without one are left out; an empty or non-UTF-8 caption file is refused by name."""
+  if not extension:
+    return {}
+  folder = pathlib.Path(folder)
+  captions = {}
+  for name in names:
+    path = folder / (pathlib.PurePath(name).stem + extension)  # kohya: os.path.splitext(image)[0] + extension
+    if not path.is_file():
+      continue
+    try:
+      lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: caption file is not UTF-8 ({e}); save it as UTF-8") from None
+    if not lines or not lines[0].strip():
+      raise ValueError(f"{path}: empty caption (the first line is the caption); write one or delete the file")
+    captions[name] = lines[0].strip()
+  return captions
+
+
 @dataclasses.dataclass
 class SubjectImages:
   paths: list[pathlib.Path]
