@@ -50,6 +50,21 @@ def test_freed_text_encoders_sample_from_their_cache(which, tiny_sd1_dir, tiny_s
     sampling.generate(freed, ["a cat"], [0], settings=settings)
 
 
+@pytest.mark.parametrize("scheduler", ["ddim", "euler_a"])
+def test_loop_forms_give_the_same_images(scheduler, tiny_sd1_dir):
+  """The sampler's loop forms (lax.fori_loop, unrolled, host-driven steps) give the same images: guided, with
+  per-step noise (DDIM eta 0.5, Euler a) and a carry (Euler a). fp32, 1e-5 (XLA fuses each form differently)."""
+  sd = weights.load_pipeline(tiny_sd1_dir)
+  base = dict(steps=3, guidance=3.0, height=32, width=32, scheduler=scheduler, eta=0.5 if scheduler == "ddim" else 0.0)
+  images = {loop: np.asarray(sampling.generate(sd, ["a", "b"], [0, 1], seed=2,
+                                               settings=sampling.SamplerSettings(loop=loop, **base)))
+            for loop in sampling.LOOPS}
+  for loop in ("unrolled", "host"):
+    np.testing.assert_allclose(images[loop], images["fori"], atol=1e-5, err_msg=loop)
+  with pytest.raises(ValueError, match="'scan'"):
+    sampling.SamplerSettings(loop="scan")
+
+
 def test_images_depend_on_index_not_batch(tiny_sd1_dir):
   sd = weights.load_pipeline(tiny_sd1_dir)
   settings = sampling.SamplerSettings(steps=3, guidance=3.0, height=32, width=32, eta=0.5)

@@ -22,6 +22,12 @@ from dreambooth_jax import sharding as sharding_lib
 from dreambooth_jax.sampling import flow_matching, schedulers
 
 
+# fori: lax.fori_loop in one compiled function | unrolled: every step traced into it | host: a compiled step driven
+# from Python. All give the same images (tests/test_sampling.py).
+LOOPS = ("fori", "unrolled", "host")
+DEFAULT_LOOP = "fori"
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSettings:
   steps: int = 50
@@ -34,8 +40,12 @@ class SamplerSettings:
   scheduler: str | None = None  # None: the family's (ddim; Flux flow_euler); else schedulers.SCHEDULERS
   karras: bool = False  # Karras sigmas (dpmpp_2m, euler)
   true_cfg: float = 1.0  # Flux: real classifier-free guidance with a negative prompt when > 1 (FluxPipeline's)
+  # how the steps are looped (LOOPS; docs/benchmarks.md): None = DEFAULT_LOOP
+  loop: str | None = None
 
   def __post_init__(self):
+    if self.loop not in (None, *LOOPS):
+      raise ValueError(f"sampler loop {self.loop!r}: expected one of {list(LOOPS)}")
     if self.scheduler != flow_matching.SAMPLER_NAME:
       schedulers.check_name(self.scheduler or "ddim", self.karras, self.eta)
 
@@ -54,16 +64,8 @@ def initial_latents(keys_B, latent_shape_HWC) -> jax.Array:
   return jax.vmap(lambda k: jax.random.normal(k, latent_shape_HWC, jnp.float32))(keys_B)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded"))
-def _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, keys_B, *,
-              cfg_scale, zero_uncond, encoded=False):
-  """graphdefs/states: ((name, graphdef), ...) and the matching states of the denoiser, VAE and text encoders.
-  cond/uncond: token ids, or with `encoded` the text encoders' outputs (their cache, the encoders freed).
-  cfg_scale: the classifier-free guidance scale (1: one unguided pass). zero_uncond: the unconditional text is
-  zeros (the family's rule for an empty negative prompt)."""
-  modules = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
-  sampler = family.SAMPLER
-  guided = cfg_scale != 1.0
+def _conditioning(family, modules, cond, uncond, image_cond, *, guided, zero_uncond, encoded):
+  """The text and image conditioning of the denoiser's batch: with guidance the unconditional half first."""
   encode = (lambda text: text) if encoded else (lambda ids: family.encode_text(modules, ids))
   if guided and zero_uncond:
     text = jax.tree.map(lambda c: jnp.concatenate([jnp.zeros_like(c), c]), encode(cond))
@@ -71,29 +73,94 @@ def _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents
     text = encode(jax.tree.map(lambda u, c: jnp.concatenate([u, c]), uncond, cond) if guided else cond)
   if guided:
     image_cond = jax.tree.map(lambda x: jnp.concatenate([x, x]), image_cond)
+  return text, image_cond
 
-  def step(i, x_and_carry):
-    x_BHWC, carry = x_and_carry
-    x_in = jnp.concatenate([x_BHWC, x_BHWC]) if guided else x_BHWC
-    x_in = sampler.scale_model_input(plan, i, x_in)
-    t_B = jnp.full((x_in.shape[0],), sampler.denoiser_timestep(plan, i))
-    out = family.denoise(modules, x_in, t_B, text, image_cond).astype(jnp.float32)
-    if guided:
-      uncond, cond = jnp.split(out, 2)
-      out = uncond + cfg_scale * (cond - uncond)
-    noise = None
-    if sampler.needs_noise(plan):  # DDIM eta > 0, Euler a: per image, per step
-      noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BHWC.shape[1:]))(keys_B)
-    return sampler.step(plan, i, out, x_BHWC, carry, noise)
 
+def _denoise_step(family, modules, plan, text, image_cond, keys_B, i, x_BHWC, carry, *, cfg_scale):
+  """Scheduler step i (a Python int when unrolled, else traced): one batched denoiser call, guidance, update."""
+  sampler, guided = family.SAMPLER, cfg_scale != 1.0
+  x_in = jnp.concatenate([x_BHWC, x_BHWC]) if guided else x_BHWC
+  x_in = sampler.scale_model_input(plan, i, x_in)
+  t_B = jnp.full((x_in.shape[0],), sampler.denoiser_timestep(plan, i))
+  out = family.denoise(modules, x_in, t_B, text, image_cond).astype(jnp.float32)
+  if guided:
+    uncond, cond = jnp.split(out, 2)
+    out = uncond + cfg_scale * (cond - uncond)
+  noise = None
+  if sampler.needs_noise(plan):  # DDIM eta > 0, Euler a: per image, per step
+    noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x_BHWC.shape[1:]))(keys_B)
+  return sampler.step(plan, i, out, x_BHWC, carry, noise)
+
+
+def _start(family, plan, latents_BHWC):
+  sampler = family.SAMPLER
   latents_BHWC = latents_BHWC.astype(jnp.float32)
   if sampler.initial_noise_scale(plan) != 1.0:  # Euler: the pipeline scales given latents too
     latents_BHWC = latents_BHWC * sampler.initial_noise_scale(plan)
-  latents_BHWC, _ = jax.lax.fori_loop(0, plan.steps, step,
-                                      (latents_BHWC, sampler.initial_carry(plan, latents_BHWC)))
+  return latents_BHWC, sampler.initial_carry(plan, latents_BHWC)
+
+
+def _decode(modules, latents_BHWC):
   vae = modules["vae"]
   images = vae.decode(vae.unscale_latents(latents_BHWC)).astype(jnp.float32)
   return jnp.clip(images / 2 + 0.5, 0.0, 1.0)  # [0, 1] floats, NHWC
+
+
+def _merge(graphdefs, states) -> dict:
+  return {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
+
+
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded", "loop"))
+def _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, keys_B, *,
+              cfg_scale, zero_uncond, encoded=False, loop="fori"):
+  """The whole generation in one compiled function. graphdefs/states: ((name, graphdef), ...) and the matching
+  states of the denoiser, VAE and text encoders. cond/uncond: token ids, or with `encoded` the text encoders'
+  outputs (their cache, the encoders freed). cfg_scale: the classifier-free guidance scale (1: one unguided pass).
+  zero_uncond: the unconditional text is zeros (the family's rule for an empty negative prompt). loop: "fori"
+  (lax.fori_loop over the steps) or "unrolled" (every step traced: longer compiles, no loop in the program)."""
+  modules = _merge(graphdefs, states)
+  text, image_cond = _conditioning(family, modules, cond, uncond, image_cond, guided=cfg_scale != 1.0,
+                                   zero_uncond=zero_uncond, encoded=encoded)
+  body = lambda i, x_and_carry: _denoise_step(family, modules, plan, text, image_cond, keys_B, i, *x_and_carry,
+                                              cfg_scale=cfg_scale)
+  x_and_carry = _start(family, plan, latents_BHWC)
+  if loop == "fori":
+    x_and_carry = jax.lax.fori_loop(0, plan.steps, body, x_and_carry)
+  else:
+    for i in range(plan.steps):
+      x_and_carry = body(i, x_and_carry)
+  return _decode(modules, x_and_carry[0])
+
+
+# loop="host": the same parts, each its own compiled function, the steps driven from Python (one dispatch a step)
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded"))
+def _host_begin(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, *, cfg_scale, zero_uncond,
+                encoded):
+  text, image_cond = _conditioning(family, _merge(graphdefs, states), cond, uncond, image_cond,
+                                   guided=cfg_scale != 1.0, zero_uncond=zero_uncond, encoded=encoded)
+  return text, image_cond, _start(family, plan, latents_BHWC)
+
+
+@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale"), donate_argnames=("x_and_carry",))
+def _host_step(family, graphdefs, states, plan, text, image_cond, keys_B, i, x_and_carry, *, cfg_scale):
+  return _denoise_step(family, _merge(graphdefs, states), plan, text, image_cond, keys_B, i, *x_and_carry,
+                       cfg_scale=cfg_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdefs",))
+def _host_end(graphdefs, states, latents_BHWC):
+  return _decode(_merge(graphdefs, states), latents_BHWC)
+
+
+def _generate_host(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, keys_B, *, cfg_scale,
+                   zero_uncond, encoded=False):
+  text, image_cond, x_and_carry = _host_begin(family, graphdefs, states, plan, cond, uncond, image_cond,
+                                              latents_BHWC, cfg_scale=cfg_scale, zero_uncond=zero_uncond,
+                                              encoded=encoded)
+  for i in range(plan.steps):
+    x_and_carry = _host_step(family, graphdefs, states, plan, text, image_cond, keys_B, jnp.int32(i), x_and_carry,
+                             cfg_scale=cfg_scale)
+  return _host_end(graphdefs, states, x_and_carry[0])
 
 
 def to_uint8(images_BHWC) -> np.ndarray:
@@ -147,8 +214,11 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   states = tuple(state for _, state in split.values())
   plan = family.SAMPLER.plan_for(pipe.schedule, settings, latent_shape)
   cfg_scale = float(family.guidance_scales(pipe.configs, settings, negative_prompt))
-  return _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents, keys_B,
-                   cfg_scale=cfg_scale, zero_uncond=zero_uncond, encoded=encoded)
+  kwargs = dict(cfg_scale=cfg_scale, zero_uncond=zero_uncond, encoded=encoded)
+  loop = settings.loop or DEFAULT_LOOP
+  if loop == "host":
+    return _generate_host(family, graphdefs, states, plan, cond, uncond, image_cond, latents, keys_B, **kwargs)
+  return _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents, keys_B, loop=loop, **kwargs)
 
 
 def cached_text(pipe, prompts: Sequence[str]) -> dict:
