@@ -27,16 +27,16 @@ def open_split(dataset_name: str, split: str):
   import datasets  # noqa: PLC0415 (slow import, only for dataset inputs)
   folder = pathlib.Path(dataset_name).expanduser()
   if folder.is_dir() and any((folder / m).is_file() for m in SAVED_MARKERS):
-    how, load = "datasets.load_from_disk", lambda: datasets.load_from_disk(str(folder))
-  elif folder.is_dir():
-    how, load = "datasets.load_dataset", lambda: datasets.load_dataset(str(folder))
-  elif dataset_name.startswith(("/", ".", "~")):
+    how, load, source = "datasets.load_from_disk", datasets.load_from_disk, str(folder)
+  elif folder.is_dir():  # an image folder with metadata (or any folder load_dataset reads)
+    how, load, source = "datasets.load_dataset", datasets.load_dataset, str(folder)
+  elif dataset_name.startswith(("/", ".", "~")):  # a path (hub ids never start so)
     raise FileNotFoundError(f"dataset_name={dataset_name!r}: no such folder")
   else:
-    folder, how = None, "the Hugging Face hub (datasets.load_dataset)"
-    load = lambda: datasets.load_dataset(dataset_name)  # noqa: E731
+    how, load, source = "the Hugging Face hub (datasets.load_dataset)", datasets.load_dataset, dataset_name
+    folder = None
   try:
-    loaded = load()
+    loaded = load(source)
   except Exception as e:  # offline, missing, unreadable: the library raises many types
     raise ValueError(f"dataset_name={dataset_name!r}: cannot be loaded through {how} ({_first_line(e)})") from None
   if isinstance(loaded, datasets.DatasetDict):
