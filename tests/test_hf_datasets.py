@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_jax.data import batches, hf_datasets, images as data
+from dreambooth_jax.eval import preprocess
 from test_train import fast_config, read_losses
 
 SIZES = {"a.png": (40, 48), "b.jpg": (36, 36), "c.png": (64, 40)}  # (height, width)
@@ -65,8 +66,10 @@ def test_saved_dataset_equals_the_folder_with_its_captions(tmp_path):
     for got, want in zip(ours.images, files.images, strict=True):
       np.testing.assert_array_equal(got, want)
   assert [str(p) for p in ours.paths] == [f"{saved}[train][{i}]" for i in range(3)]  # names; no files
+  # evaluation's reference photos: the stored images (no files), which its preprocessing takes as it takes files
   assert not ours.files and all(r is i for r, i in zip(ours.references(), ours.images))
   assert files.references() == files.paths
+  assert preprocess.load_batch(ours.references(), preprocess.CLIP_SPEC).shape == (3, 224, 224, 3)
   assert load(saved).captions == ["a photo of sks dog"] * 3  # caption_column "": the instance prompt
 
 
