@@ -16,8 +16,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.single_file_config = "auto"  # single-file .safetensors model: "auto" | "sd15" | "sd21" | a diffusers folder
   c.random_init = False  # build the model from its config.json files with random weights (tiny offline model)
   # Data.
-  c.instance_data_dir = ""  # "" = the bundled dog photos
-  c.instance_prompt = "a photo of sks dog"
+  c.instance_data_dir = ""  # "" = the bundled dog photos (or dataset_name's images)
+  c.instance_prompt = "a photo of sks dog"  # the caption of every instance image without its own
+  # A Hugging Face dataset as the instance images instead (diffusers' --dataset_name flags; data/hf_datasets.py)
+  c.dataset_name = ""  # "" = instance_data_dir; a save_to_disk folder, image folder with metadata.jsonl/csv, hub id
+  c.image_column = "image"  # the dataset's column of images (Image feature, {bytes, path} or path strings)
+  c.caption_column = ""  # the dataset's column of per-image captions; "" = instance_prompt for every image
+  c.dataset_split = "train"  # the dataset's split to train on
   c.class_data_dir = ""  # "" = WORKDIR/class_images
   c.class_prompt = "a photo of dog"
   c.with_prior_preservation = True

@@ -15,7 +15,8 @@ TINY = ROOT / "configs" / "tiny.py"
 
 
 def run_cli(module, *args, tmp_path, **env_vars):
-  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"), JAX_PLATFORMS="cpu", **env_vars)
+  env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"),
+             HF_DATASETS_CACHE=str(tmp_path / "datasets"), JAX_PLATFORMS="cpu", **env_vars)
   return subprocess.run([sys.executable, "-m", f"dreambooth_jax.{module}", *args], capture_output=True, text=True,
                         timeout=300, env=env, cwd=tmp_path)
 
@@ -28,10 +29,11 @@ def run_cli(module, *args, tmp_path, **env_vars):
     ("train", ["--config.resolution=36"], "resolution=36"),
     ("train", ["--config.prior_preservation=bogus"], "prior_preservation='bogus' is not one of"),
     ("train", ["--config.instance_data_dir=/no/such/folder"], "instance_data_dir: /no/such/folder"),
+    ("train", ["--config.dataset_name=nobody/no-dataset"], "dataset_name='nobody/no-dataset': cannot be loaded"),
     ("sample", ["--model=/no/such/folder", "--prompt=x", "--out=samples"], "--model=/no/such/folder"),
     ("export", ["--workdir=/no/such/run"], "/no/such/run"),
 ], ids=["hub-offline", "mixed-precision", "lora-rank", "resolution", "prior-preservation", "instance-dir",
-        "sample-model", "export-workdir"])
+        "dataset-offline", "sample-model", "export-workdir"])
 def test_user_mistakes_end_in_one_line(module, args, expected, tmp_path):
   if module == "train":
     args = [f"--config={TINY}", f"--workdir={tmp_path / 'run'}", *args]

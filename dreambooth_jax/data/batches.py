@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.data import buckets as buckets_lib, images as data_lib
+from dreambooth_jax.data import buckets as buckets_lib, hf_datasets, images as data_lib
 
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
@@ -100,9 +100,31 @@ def bucket_choices(config) -> list[tuple[int, int]] | None:
   return buckets_lib.bucket_set(config) if config.get("enable_bucket") else None
 
 
+DATASET_DEFAULTS = {"image_column": "image", "caption_column": "", "dataset_split": "train"}
+
+
+def check_instance_source(config):
+  """Refuses, by key, instance settings that contradict each other: the images come from instance_data_dir or
+  dataset_name, and the dataset's keys mean nothing without a dataset."""
+  if config.dataset_name and config.instance_data_dir:
+    raise ValueError(f"dataset_name={config.dataset_name!r} and instance_data_dir={config.instance_data_dir!r} are "
+                     "both set: the instance images come from one of them; set the other to ''")
+  if not config.dataset_name:
+    for key, default in DATASET_DEFAULTS.items():
+      if config[key] != default:
+        raise ValueError(f"{key}={config[key]!r} is set but dataset_name is '': it applies to Hugging Face datasets "
+                         f"only; set dataset_name or leave {key} at {default!r}")
+
+
 def load_instance_images(config) -> data_lib.SubjectImages:
   """The instance photos (each in its bucket when bucketing): the run reads them before compiling, to know the
   buckets in use."""
+  check_instance_source(config)
+  if config.dataset_name:
+    return hf_datasets.load_dataset_images(
+        config.dataset_name, split=config.dataset_split, image_column=config.image_column,
+        caption_column=config.caption_column, resolution=config.resolution, default_caption=config.instance_prompt,
+        on_bad_image=config.on_bad_image, buckets=bucket_choices(config))
   return _load_images("instance_data_dir", pathlib.Path(config.instance_data_dir or BUNDLED_DOG), config.resolution,
                       config.instance_prompt, config.on_bad_image, bucket_choices(config))
 

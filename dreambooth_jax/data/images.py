@@ -43,11 +43,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def open_image(path: pathlib.Path) -> Image.Image:
-  """Decodes fully (catches truncation), applies EXIF orientation, returns RGB. Raises with the reason."""
-  if path.stat().st_size == 0:
+def open_image(source) -> Image.Image:
+  """Decodes fully (catches truncation), applies EXIF orientation, returns RGB. Raises with the reason.
+  source: a file's path, or a binary file object (a dataset's encoded image bytes, data/hf_datasets.py)."""
+  if isinstance(source, (str, pathlib.Path)) and pathlib.Path(source).stat().st_size == 0:
     raise ValueError("empty file")
-  with Image.open(path) as image:
+  with Image.open(source) as image:
     image.load()
     image = ImageOps.exif_transpose(image)
     return to_rgb(image)
@@ -71,6 +72,21 @@ def resize_to_cover(image: Image.Image, bucket, name: str = "") -> np.ndarray:
     logging.warning("%s: %dx%d is smaller than its bucket %s; upscaling", name, image.width, image.height,
                     buckets_lib.name(bucket))
   return np.asarray(image.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
+def fit(image: Image.Image, resolution: int, buckets, name: str) -> tuple[np.ndarray, tuple[int, int] | None]:
+  """(stored uint8 HWC image, its bucket): resized to cover the bucket chosen among `buckets`, or (buckets None)
+  to short side `resolution`, bucket None."""
+  if not buckets:
+    return resize_short_side(image, resolution, name), None
+  from dreambooth_jax.data import buckets as buckets_lib  # noqa: PLC0415 (buckets builds on this module)
+  bucket = buckets_lib.select_bucket(image.height, image.width, buckets)
+  return resize_to_cover(image, bucket, name), bucket
+
+
+def check_on_bad_image(value: str):
+  if value not in ("error", "skip"):
+    raise ValueError(f"on_bad_image={value!r}: use 'error' or 'skip'")
 
 
 def load_image(path, resolution: int) -> np.ndarray:
@@ -132,6 +148,12 @@ class SubjectImages:
   resolution: int
   original_sizes: list[tuple[int, int]]  # (height, width) as decoded (EXIF-rotated), before resizing
   buckets: list[tuple[int, int]] | None = None  # each image's bucket (H, W) when bucketed
+  files: bool = True  # paths are the image files; False: names of dataset rows (data/hf_datasets.py), no files
+
+  def references(self) -> list:
+    """The photos evaluation compares generated images with (evaluate.embed_images): the files, or for dataset
+    rows the images as stored here (decoded, resized to the training size)."""
+    return list(self.paths) if self.files else list(self.images)
 
   def target_size(self, index: int) -> tuple[int, int]:
     """(H, W) the image is cropped to: its bucket, or the square resolution."""
@@ -141,10 +163,8 @@ class SubjectImages:
 def load_subject_images(folder, resolution: int, default_caption: str, on_bad_image: str = "error",
                         buckets=None) -> SubjectImages:
   """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution."""
-  from dreambooth_jax.data import buckets as buckets_lib  # noqa: PLC0415
   folder = pathlib.Path(folder)
-  if on_bad_image not in ("error", "skip"):
-    raise ValueError(f"on_bad_image={on_bad_image!r}: use 'error' or 'skip'")
+  check_on_bad_image(on_bad_image)
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: image folder missing")
   candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
@@ -152,11 +172,10 @@ def load_subject_images(folder, resolution: int, default_caption: str, on_bad_im
   for path in candidates:
     try:
       image = open_image(path)
-      if buckets:
-        chosen.append(buckets_lib.select_bucket(image.height, image.width, buckets))
-        images.append(resize_to_cover(image, chosen[-1], str(path)))
-      else:
-        images.append(resize_short_side(image, resolution, str(path)))
+      stored, bucket = fit(image, resolution, buckets, str(path))
+      images.append(stored)
+      if bucket:
+        chosen.append(bucket)
       sizes.append((image.height, image.width))
       paths.append(path)
     except Exception as e:  # PIL raises many types for broken files

@@ -57,9 +57,10 @@ def check_config(config):
 
 
 class Evaluator:
-  def __init__(self, config, workdir: pathlib.Path, instance_paths, *, primary: bool):
-    """instance_paths: the usable instance photos (TrainData's list: bad files already skipped or refused).
-    The config must have passed check_config (setup does it before any work)."""
+  def __init__(self, config, workdir: pathlib.Path, instance_photos, *, primary: bool):
+    """instance_photos: the usable instance photos (SubjectImages.references: files, or a dataset's decoded images;
+    bad ones already skipped or refused). The config must have passed check_config (setup does it before any
+    work)."""
     from dreambooth_jax import evaluate  # noqa: PLC0415 (encoders load only when evaluation is on)
 
     self.config, self.workdir, self.primary = config, workdir, primary
@@ -69,8 +70,8 @@ class Evaluator:
                                       lpips_model=config.get("eval_lpips_model") or None,
                                       lpips_net=config.get("eval_lpips_net", "alex"))
     self._embed = lambda model, items, spec: evaluate.embed_images(model, list(items), spec, batch_size=16)
-    self.real_dino = self._embed(self.enc.dino, instance_paths, self.enc.dino_spec)
-    self.real_clip = self._embed(self.enc.clip, instance_paths, self.enc.clip_spec)
+    self.real_dino = self._embed(self.enc.dino, instance_photos, self.enc.dino_spec)
+    self.real_clip = self._embed(self.enc.clip, instance_photos, self.enc.clip_spec)
     self.text = evaluate.embed_texts(self.enc.clip, self.enc.clip_tokenizer, self.prompts)
     best = workdir / "best.json"
     self.best = json.loads(best.read_text()) if best.is_file() else None  # survives a resume

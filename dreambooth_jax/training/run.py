@@ -188,9 +188,10 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
   mesh = mesh or make_mesh(config)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
   buckets_lib.check_settings(config)
+  # read before the model loads (bad data is refused first); their buckets are the shapes to compile
+  instance = batches.load_instance_images(config)
   pipe = run_state.load_model(config)
   buckets_lib.check_settings(config, pipe.size_multiple())
-  instance = batches.load_instance_images(config)  # its buckets are the shapes to compile
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
   step = compile_step(config, pipe, graphdefs, params, frozen, mesh, batches.used_buckets(config, instance))
   plan_lib.check_fits(step.memory, config)  # before any class image is generated or step is run
@@ -253,7 +254,7 @@ def train(config, workdir: pathlib.Path) -> Job:
   preemption = Preemption(mgr)
   evaluator = None
   if config.get("eval_steps"):
-    evaluator = in_training_eval.Evaluator(config, workdir, data.sets["instance"].paths, primary=primary)
+    evaluator = in_training_eval.Evaluator(config, workdir, data.sets["instance"].references(), primary=primary)
   val_loss = None
   if config.validation_loss and config.validation_steps:
     val_loss = val_loss_lib.ValidationLoss(config, data, pipe.family, graphdefs, step_lib.loss_settings(config),
