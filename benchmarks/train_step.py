@@ -110,7 +110,8 @@ def make_config(args):
     c.remat = args.remat or "none"
   c.attention = args.attention
   c.optimizer_moments_bf16 = args.moments_bf16
-  c.gradient_accumulation_steps = 1
+  c.gradient_accumulation_steps = args.accum
+  c.accumulation_loop = args.accumulation_loop
   c.validation_steps = 0
   c.export_at_end = False
   c.mesh_data, c.mesh_fsdp = args.data, args.fsdp
@@ -137,7 +138,7 @@ def ours(args) -> dict:
     state, metrics = job.step_fn(state, batches[i % 2], job.rng, job.frozen)
   jax.block_until_ready(metrics)
   step_time = (time.perf_counter() - t0) / args.steps
-  images = job.data.global_batch_size
+  images = job.data.global_batch_size * args.accum
   flops = job.flops_per_step or 0.0
   stats = jax.local_devices()[0].memory_stats() or {}
   result = {"step_time_s": step_time, "images_per_s": images / step_time, "global_batch": images,
@@ -223,6 +224,8 @@ def main():
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
   p.add_argument("--moments_bf16", action="store_true")
   p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tune)")
+  p.add_argument("--accum", type=int, default=1, help="gradient_accumulation_steps (micro-batches of --batch each)")
+  p.add_argument("--accumulation_loop", default="scan", choices=["scan", "unrolled"])
   p.add_argument("--data", type=int, default=-1)
   p.add_argument("--fsdp", type=int, default=1)
   p.add_argument("--devices", type=int, default=0)

@@ -103,11 +103,13 @@ def test_cached_latents_equal_uncached():
   np.testing.assert_allclose(values(*uncached), GOLDEN["epsilon"], rtol=RTOL)
 
 
-def test_accumulation_two_micro_batches_equals_one_batch():
+@pytest.mark.parametrize("loop", ["scan", "unrolled"])
+def test_accumulation_two_micro_batches_equals_one_batch(loop):
   # Each example keeps its global slot (its noise key) however the batch is split into micro-batches, and each
   # micro-batch holds one instance and one class example: the averaged micro-batch losses and gradients equal
-  # the whole batch's.
-  np.testing.assert_allclose(values(*run_step(make_config(), accum=2)), GOLDEN["epsilon"], rtol=RTOL)
+  # the whole batch's, looped by lax.scan or unrolled.
+  config = make_config(("accumulation_loop", loop))
+  np.testing.assert_allclose(values(*run_step(config, accum=2)), GOLDEN["epsilon"], rtol=RTOL)
 
 
 def test_remat_equals_no_remat():

@@ -122,7 +122,7 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh, buckets=None) ->
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
   step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, step_lib.loss_settings(config),
-                                     step_lib.ema_settings(config))
+                                     step_lib.ema_settings(config), config.accumulation_loop)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
   frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
   fns, seconds = {}, {}

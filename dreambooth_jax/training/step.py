@@ -146,9 +146,15 @@ def combine_losses(mse_B, prior_B, prior_loss_weight: float):
   return instance_loss + prior_loss_weight * prior_loss, (instance_loss, prior_loss)
 
 
+ACCUMULATIONS = ("scan", "unrolled")
+
+
 def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
-                    settings: LossSettings, ema: EmaSettings | None = None):
+                    settings: LossSettings, ema: EmaSettings | None = None, accumulation: str = "scan"):
   """Returns train_step(state, batch, rng, frozen) -> (state, metrics).
+
+  accumulation: how several micro-batches are looped (ACCUMULATIONS): "scan" (lax.scan) or "unrolled"; with one
+  micro-batch there is no loop (docs/benchmarks.md: XLA:CPU runs a gradient inside a loop several times slower).
 
   state:  {"step": int32, "params": {"unet": ..., ["text_encoder": ...]}, "opt_state": ..., ["ema": float32 copy of
           params, with `ema`]} (donated)
@@ -160,6 +166,8 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
   frozen: the parameters that are not trained ("vae", and "text_encoder" unless it is trained or its embeddings are
           cached), for LoRA the frozen base weights ("unet_base", ["text_encoder_base"]), and the schedule.
   """
+  if accumulation not in ACCUMULATIONS:
+    raise ValueError(f"accumulation_loop={accumulation!r} is not one of {list(ACCUMULATIONS)}")
 
   def loss_fn(params, frozen, micro, micro_rng, example_rng):
     modules = merge_modules(graphdefs, params, frozen)
@@ -191,7 +199,13 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
     else:
       zeros = jax.tree.map(jnp.zeros_like, params)
       metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "instance_loss", "prior_loss")}
-      (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
+      if accumulation == "scan":
+        (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
+      else:  # "unrolled": every micro-batch traced (no loop in the program; compile time grows with accum)
+        carry = (zeros, metric_zeros)
+        for index in range(accum):
+          carry, _ = micro_step(carry, (index, jax.tree.map(lambda x, index=index: x[index], batch)))
+        grads, metrics = carry
       grads = jax.tree.map(lambda g: g / accum, grads)
       metrics = jax.tree.map(lambda m: m / accum, metrics)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
