@@ -57,6 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Flux: flow_euler (its only sampler); class_guidance and validation_guidance are then its distilled guidance.
   c.sample_scheduler = "ddim"
   c.sample_karras = False
+  # the sampler's loop over its steps: "" = the default (fori) | fori | unrolled (faster steps on XLA:CPU, longer
+  # compiles) | host (a compiled step driven from Python); the same images (docs/benchmarks.md compares them)
+  c.sample_loop = ""
   # Optimisation.
   c.train_batch_size = 1  # instance images per step (the same number of class images is added)
   c.learning_rate = 5e-6

@@ -54,7 +54,8 @@ def main(argv):
     init = init.transpose(0, 2, 3, 1)
   try:  # refused before the model loads
     settings = sampling.SamplerSettings(steps=f.steps, guidance=f.guidance, eta=f.eta, height=f.height,
-                                        width=f.width, scheduler=f.scheduler, karras=f.karras, true_cfg=f.true_cfg)
+                                        width=f.width, scheduler=f.scheduler, karras=f.karras, true_cfg=f.true_cfg,
+                                        loop=f.loop or None)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[f.dtype]
@@ -105,6 +106,8 @@ def define_flags():
                     "EulerAncestralDiscrete schedulers built from the model's scheduler config; Flux: flow_euler "
                     "(FlowMatchEulerDiscreteScheduler, its only one and the default).")
   flags.DEFINE_bool("karras", False, "Karras sigmas (use_karras_sigmas; dpmpp_2m and euler).")
+  flags.DEFINE_string("loop", "", "The loop over the steps: fori (default), unrolled or host; the same images "
+                      "(docs/benchmarks.md compares their speed).")
   flags.DEFINE_float("guidance", None, "Classifier-free guidance scale (1 = off; default 7.5); Flux: the distilled "
                      "guidance input of guidance-distilled models (dev; default 3.5).")
   flags.DEFINE_float("true_cfg", 1.0, "Flux: real classifier-free guidance scale with --negative_prompt (> 1 = on).")

@@ -157,7 +157,8 @@ def run(base_config, dataset, out, *, dino_model, clip_model, token: str = "sks"
     prompts = subject_prompts(classes[subject], templates, token, prompts_limit)
     settings = sampling.SamplerSettings(steps=sample_steps, guidance=guidance, height=config.resolution,
                                         width=config.resolution, scheduler=config.get("sample_scheduler", "ddim"),
-                                        karras=config.get("sample_karras", False))
+                                        karras=config.get("sample_karras", False),
+                                        loop=config.get("sample_loop") or None)
     generated = generate_prompts(view, prompts, sub_out / "generated", images_per_prompt=images_per_prompt,
                                  seed=config.seed, settings=settings, batch_size=batch_size)
     class_generated = None

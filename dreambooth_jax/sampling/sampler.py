@@ -45,7 +45,7 @@ class SamplerSettings:
 
   def __post_init__(self):
     if self.loop not in (None, *LOOPS):
-      raise ValueError(f"sampler loop {self.loop!r}: expected one of {list(LOOPS)}")
+      raise ValueError(f"sampler loop {self.loop!r} (sample_loop, --loop): expected one of {list(LOOPS)}")
     if self.scheduler != flow_matching.SAMPLER_NAME:
       schedulers.check_name(self.scheduler or "ddim", self.karras, self.eta)
 

@@ -26,7 +26,8 @@ def sample(view, prompts, config, mesh=None, size: tuple[int, int] | None = None
   settings = sampling.SamplerSettings(steps=config.validation_inference_steps, guidance=config.validation_guidance,
                                       height=height, width=width,
                                       scheduler=config.get("sample_scheduler", "ddim"),
-                                      karras=config.get("sample_karras", False))
+                                      karras=config.get("sample_karras", False),
+                                      loop=config.get("sample_loop") or None)
   return np.concatenate([images for _, images in sampling.generate_all(
       view, prompts, seed=config.seed, batch_size=config.num_validation_images or 4, settings=settings, mesh=mesh)])
 
@@ -44,7 +45,7 @@ def sampling_prompts(config) -> list[str]:
 
 def check_config(config):
   sampling.SamplerSettings(scheduler=config.get("sample_scheduler", "ddim"),
-                           karras=config.get("sample_karras", False))  # refuses an unknown sampler by name
+                           karras=config.get("sample_karras", False), loop=config.get("sample_loop") or None)  # refuses an unknown sampler by name
   if config.eval_steps and config.eval_metric not in METRICS:
     raise ValueError(f"eval_metric={config.eval_metric!r}: expected one of {list(METRICS)}")
   if config.eval_steps and not (config.eval_dino_model and config.eval_clip_model):

@@ -199,7 +199,8 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
     class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
     settings = sampler.SamplerSettings(steps=config.class_generation_steps, guidance=config.class_guidance,
                                        height=config.resolution, width=config.resolution,
-                                       scheduler=config.sample_scheduler, karras=config.sample_karras)
+                                       scheduler=config.sample_scheduler, karras=config.sample_karras,
+                                       loop=config.sample_loop or None)
     if instance.buckets:
       class_images.ensure_bucketed_class_images(
           pipe, class_dir, config.class_prompt, config.num_class_images, instance_buckets=instance.buckets,
