@@ -225,7 +225,7 @@ def main():
   p.add_argument("--moments_bf16", action="store_true")
   p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tune)")
   p.add_argument("--accum", type=int, default=1, help="gradient_accumulation_steps (micro-batches of --batch each)")
-  p.add_argument("--accumulation_loop", default="scan", choices=["scan", "unrolled"])
+  p.add_argument("--accumulation_loop", default="auto", choices=["auto", "scan", "unrolled"])
   p.add_argument("--data", type=int, default=-1)
   p.add_argument("--fsdp", type=int, default=1)
   p.add_argument("--devices", type=int, default=0)

@@ -121,8 +121,9 @@ def compile_step(config, pipe, graphdefs, params, frozen, mesh, buckets=None) ->
   abstract_state = jax.eval_shape(lambda p: step_lib.init_train_state(p, tx, config.use_ema), params)
   state_shardings = sharding.tree_shardings(abstract_state, mesh)
   frozen_shardings = sharding.tree_shardings(frozen, mesh)
+  accumulation = step_lib.accumulation_for(config.accumulation_loop, mesh.devices.flat[0].platform)
   step_fn = step_lib.make_train_step(pipe.family, graphdefs, tx, lr_schedules, step_lib.loss_settings(config),
-                                     step_lib.ema_settings(config), config.accumulation_loop)
+                                     step_lib.ema_settings(config), accumulation)
   state_in = checkpoint.abstract_like(abstract_state, state_shardings)
   frozen_in = checkpoint.abstract_like(frozen, frozen_shardings)
   fns, seconds = {}, {}

@@ -149,6 +149,16 @@ def combine_losses(mse_B, prior_B, prior_loss_weight: float):
 ACCUMULATIONS = ("scan", "unrolled")
 
 
+def accumulation_for(name: str, backend: str) -> str:
+  """config.accumulation_loop -> the loop form: "auto" is unrolled on XLA:CPU (a gradient inside lax.scan measured
+  2.4x slower there, docs/benchmarks.md) and scan elsewhere (compile time independent of the count)."""
+  if name == "auto":
+    return "unrolled" if backend == "cpu" else "scan"
+  if name not in ACCUMULATIONS:
+    raise ValueError(f"accumulation_loop={name!r} is not one of {['auto', *ACCUMULATIONS]}")
+  return name
+
+
 def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, schedules: dict,
                     settings: LossSettings, ema: EmaSettings | None = None, accumulation: str = "scan"):
   """Returns train_step(state, batch, rng, frozen) -> (state, metrics).
