@@ -45,7 +45,8 @@ def sampling_prompts(config) -> list[str]:
 
 def check_config(config):
   sampling.SamplerSettings(scheduler=config.get("sample_scheduler", "ddim"),
-                           karras=config.get("sample_karras", False), loop=config.get("sample_loop") or None)  # refuses an unknown sampler by name
+                           karras=config.get("sample_karras", False),
+                           loop=config.get("sample_loop") or None)  # refuses an unknown sampler or loop by name
   if config.eval_steps and config.eval_metric not in METRICS:
     raise ValueError(f"eval_metric={config.eval_metric!r}: expected one of {list(METRICS)}")
   if config.eval_steps and not (config.eval_dino_model and config.eval_clip_model):

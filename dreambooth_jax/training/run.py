@@ -229,7 +229,8 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
     state = jax.jit(lambda p: step_lib.init_train_state(p, step.tx, config.use_ema),
                     out_shardings=step.state_shardings)(params)
   del params
-  pipe.modules[pipe.family.DENOISER] = None  # the trained copy lives in `state` (and, for LoRA, its base in `frozen`); free the original
+  # the trained copy lives in `state` (and, for LoRA, its base in `frozen`): free the original
+  pipe.modules[pipe.family.DENOISER] = None
   return Job(pipe=pipe, mesh=mesh, data=data, graphdefs=graphdefs, state=state, state_shardings=step.state_shardings,
              frozen=frozen, step_fn=step.fn, step_fns=step.fns, compile_records=step.records(),
              rng=jax.random.key(config.seed), mgr=mgr, flops_per_step=step.flops)
