@@ -19,6 +19,13 @@ from test_train import fast_config
 MARK = (slice(0, 8), slice(32, 40))  # a marked 8 x 8 block of a 32 x 48 (H x W) image: the centre crop's top right
 
 
+@pytest.fixture(scope="module")
+def sd_pipe():
+  """The tiny SD pipeline, loaded once (random init is slow eagerly): the configs below all use it."""
+  from dreambooth_jax.training import run_state
+  return run_state.load_model(make_config())
+
+
 def marked_folder(folder, how="file"):
   """One 32 x 48 photo, red in the marked block; its mask (a NAME_mask.png, or its alpha) is 1 there, else 0."""
   folder.mkdir(parents=True, exist_ok=True)
@@ -90,23 +97,21 @@ def test_mask_follows_random_crop_and_flip(tmp_path, bucketed):
   assert len(crops) > 2 and flips == {False, True}
 
 
-def train_data(instance_dir, workdir, *overrides):
+def train_data(pipe, instance_dir, workdir, *overrides):
   import pathlib
   from dreambooth_jax import sharding
   from dreambooth_jax.data import batches
-  from dreambooth_jax.training import run_state
   root = pathlib.Path(__file__).resolve().parents[1]
   config = fast_config(f"instance_data_dir={instance_dir}", f"class_data_dir={root / 'dreambooth_jax/assets/dog'}",
                        "masked_loss=True", "random_flip=True", "train_batch_size=2", *overrides)
-  pipe = run_state.load_model(config)
   return batches.TrainData(config, pipe, sharding.make_mesh(devices=jax.devices()[:1]), workdir)
 
 
 @pytest.mark.parametrize("cached", [True, False])
-def test_batches_carry_the_latent_mask(tmp_path, cached):
+def test_batches_carry_the_latent_mask(sd_pipe, tmp_path, cached):
   folder = marked_folder(tmp_path)
   Image.new("RGB", (32, 32), (9, 9, 9)).save(folder / "b.png")  # no mask: all ones
-  data_ = train_data(folder, tmp_path, f"cache_latents={cached}")
+  data_ = train_data(sd_pipe, folder, tmp_path, f"cache_latents={cached}")
   assert data_.schema["mask"] == ((4, 4, 1), jnp.float32)
   assert (data_.latents is not None) == cached
   seen = set()
@@ -152,33 +157,42 @@ class Recording:
     return self.seen["prediction"]
 
 
-def test_masked_loss_is_kohyas_formula():
+@pytest.mark.parametrize("family_name", ["sd", pytest.param("flux", marks=pytest.mark.slow)])
+def test_masked_loss_is_kohyas_formula(family_name, request):
   """A half mask keeps the left half's loss only (half its mean: no renormalisation); a random mask gives
-  mean((prediction - target)^2 * mask) in numpy on the same prediction and target."""
+  mean((prediction - target)^2 * mask) in numpy on the same prediction and target. Flux: its prediction is unpacked
+  to the latent grid (B, h, w, C) before the loss, so the mask lines up there as for SD."""
   from dreambooth_jax.training import run_state, step as step_lib
-  config = make_config(("masked_loss", True))
-  pipe = run_state.load_model(config)
+  if family_name == "flux":
+    from test_flux_train import flux_config
+    config = flux_config(request.getfixturevalue("tiny_flux_dir"), "resolution=32", "masked_loss=True")
+    pipe = run_state.load_model(config)
+  else:
+    config, pipe = make_config(("masked_loss", True)), request.getfixturevalue("sd_pipe")
   family = Recording(pipe.family)
-  half = np.zeros((4, 4, 1), np.float32)
-  half[:, :2] = 1.0
-  random = np.random.default_rng(1).uniform(0, 1, (4, 4, 1)).astype(np.float32)
+  side = config.resolution // pipe.family.latent_factor(pipe.configs)  # tiny SD: 4 x 4, tiny Flux: 16 x 16
+  half = np.zeros((side, side, 1), np.float32)
+  half[:, :side // 2] = 1.0
+  random = np.random.default_rng(1).uniform(0, 1, (side, side, 1)).astype(np.float32)
   micro = {"pixels": pixels(2, 0), "slot": np.arange(2, dtype=np.int32), "prior": np.zeros(2, np.float32),
-           "ids": pipe.family.tokenize(pipe.tokenizers, [INSTANCE, CLASS])["ids"], "mask": np.stack([half, random])}
+           "mask": np.stack([half, random]),
+           **{k: np.asarray(v) for k, v in pipe.family.tokenize(pipe.tokenizers, [INSTANCE, CLASS]).items()}}
   got = step_lib.example_losses(family, pipe.modules, pipe.schedule, micro, jax.random.key(0),
                                 step_lib.loss_settings(config))
   squared = np.square(np.asarray(family.seen["prediction"], np.float64) - np.asarray(family.seen["inputs"].target))
-  assert squared.shape == (2, 4, 4, 4)
-  expected = [0.5 * squared[0, :, :2].mean(), (squared[1] * random).mean()]
+  assert squared.shape[:3] == (2, side, side)
+  expected = np.array([0.5 * squared[0, :, :side // 2].mean(), (squared[1] * random).mean()])
+  weight_B = family.seen["inputs"].weight_B
+  expected = expected if weight_B is None else expected * np.asarray(weight_B)
   np.testing.assert_allclose(got, expected, rtol=1e-6)
-  assert abs(got[0] - squared[0].mean()) > 1e-3  # the mask matters
+  assert abs(got[0] - squared[0].mean()) > 1e-3 * squared[0].mean()  # the mask matters
 
 
-def one_step(config, mask=None):
+def one_step(pipe, config, mask=None):
   """test_golden_step's fixed cached batch (2 instance + 2 class examples) through the trainer's compiled step:
   (metrics, params before, params after)."""
   from dreambooth_jax import sharding
   from dreambooth_jax.training import run, run_state, step as step_lib
-  pipe = run_state.load_model(config)
   mesh = sharding.make_mesh(devices=jax.devices()[:1])
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
   step = run.compile_step(config, pipe, graphdefs, params, frozen, mesh)
@@ -200,22 +214,22 @@ def one_step(config, mask=None):
 ONES = np.ones((4, 4, 4, 1), np.float32)  # the all-ones masks of images without masks, on the 4 x 4 latent grid
 
 
-def test_all_ones_mask_is_no_mask():
+def test_all_ones_mask_is_no_mask(sd_pipe):
   """Golden: masked_loss=True with all-ones masks gives test_golden_step's pinned no-mask step (losses, gradient
   norm, update norm) at its tolerance; the bitwise comparison, two compiles, is the slow test below."""
-  metrics, old, new = one_step(make_config(("masked_loss", True)), ONES)
+  metrics, old, new = one_step(sd_pipe, make_config(("masked_loss", True)), ONES)
   update_norm = np.sqrt(sum(float(np.sum(np.square(np.asarray(n, np.float64) - o)))
                             for n, o in zip(jax.tree.leaves(new), jax.tree.leaves(old))))
   np.testing.assert_allclose(golden.values(metrics, update_norm), golden.GOLDEN["epsilon"], rtol=golden.RTOL)
 
 
 @pytest.mark.slow
-def test_all_ones_mask_is_no_mask_bitwise():
+def test_all_ones_mask_is_no_mask_bitwise(sd_pipe):
   """The same step with masked_loss off: metrics bitwise equal, params to 1 ulp. XLA:CPU compiles the two programs
   (one has a mask input) with conv_out's bias gradient summed in another order: 1 ulp in 1 of its 4 elements, every
   other parameter bitwise equal (an optimization_barrier before the mask does not change that)."""
-  plain_metrics, _, plain = one_step(make_config())
-  metrics, _, masked = one_step(make_config(("masked_loss", True)), ONES)
+  plain_metrics, _, plain = one_step(sd_pipe, make_config())
+  metrics, _, masked = one_step(sd_pipe, make_config(("masked_loss", True)), ONES)
   assert metrics == plain_metrics
   jax.tree.map(lambda a, b: np.testing.assert_array_max_ulp(a, b, maxulp=1), masked, plain)
   unequal = [x.size for x, y in zip(jax.tree.leaves(masked), jax.tree.leaves(plain)) if not np.array_equal(x, y)]
