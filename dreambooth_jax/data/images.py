@@ -88,9 +88,10 @@ def open_image_and_mask(path: pathlib.Path) -> tuple[Image.Image, Image.Image | 
 
 
 def mask_files(paths) -> set[pathlib.Path]:
-  """The `NAME_mask.png` files among paths whose NAME is the stem of another of them: masks, not photos."""
+  """The `NAME_mask.png` files among paths whose NAME is the stem of another of them: masks, not photos (spelt
+  exactly so, as open_image_and_mask looks for them)."""
   stems = {p.stem for p in paths}
-  return {p for p in paths if p.name.lower().endswith(MASK_SUFFIX) and p.stem[:-len("_mask")] in stems}
+  return {p for p in paths if p.name.endswith(MASK_SUFFIX) and p.name[:-len(MASK_SUFFIX)] in stems}
 
 
 def resize_short_side(image: Image.Image, resolution: int, name: str = "") -> np.ndarray:
