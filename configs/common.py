@@ -40,6 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # kohya-ss/sd-scripts' dataset TOML ([general], [[datasets]], [[datasets.subsets]]): its subsets become `concepts`
   # and its resolution, batch_size, buckets and flips these settings (README, "kohya dataset TOML"); "" = off
   c.dataset_config = ""
+  # kohya's masked loss: each instance image's loss is weighted by its mask in [0, 1] (NAME_mask.png beside NAME.ext,
+  # white = trained, black = ignored; else the image's alpha; else all ones) on the latent grid; class images: ones
+  c.masked_loss = False
   c.cache_latents = True  # cache VAE posteriors (needs center_crop) and frozen text embeddings
   # Aspect-ratio buckets (kohya's settings): each image goes to the bucket of nearest aspect ratio among kohya's
   # make_bucket_resolutions, of about resolution^2 pixels, is resized to cover it and cropped (centred with

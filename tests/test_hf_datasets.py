@@ -71,6 +71,11 @@ def test_saved_dataset_equals_the_folder_with_its_captions(tmp_path):
   assert files.references() == files.paths
   assert preprocess.load_batch(ours.references(), preprocess.CLIP_SPEC).shape == (3, 224, 224, 3)
   assert load(saved).captions == ["a photo of sks dog"] * 3  # caption_column "": the instance prompt
+  # masked loss: a dataset image's mask is its alpha channel, resized with it, as for the same file in a folder
+  ours, files = load(saved, buckets=choices, masks=True), data.load_subject_images(folder, 32, "", buckets=choices,
+                                                                                   masks=True)
+  assert [m is None for m in ours.masks] == [m is None for m in files.masks] == [n != "c.png" for n in SIZES]
+  np.testing.assert_array_equal(ours.masks[2], files.masks[2])
 
 
 @pytest.mark.parametrize("metadata", ["metadata.csv", "metadata.jsonl"])

@@ -70,8 +70,9 @@ def batch_schema(config, pipe, bucket: tuple[int, int] | None = None) -> dict:
     latent_mean, latent_std (h, w, C)      the frozen VAE's cached posterior  | pixels (H, W, 3) in [-1, 1]
     the family's TEXT_KEYS (cached)        | its ID_KEYS (token ids, when a text encoder runs in the step)
     the family's image conditioning        (SDXL's time ids)
+    mask (h, w, 1)                         with masked_loss: the loss mask on the latent grid (class examples: ones)
 
-  (H, W) is the bucket's, or the square resolution.
+  (H, W) is the bucket's, or the square resolution; (h, w) = (H/f, W/f), f the VAE's factor.
   """
   family = pipe.family
   height, width = bucket or (config.resolution, config.resolution)
@@ -84,6 +85,8 @@ def batch_schema(config, pipe, bucket: tuple[int, int] | None = None) -> dict:
     schema["pixels"] = ((height, width, 3), jnp.float32)
   schema.update(family.text_spec(pipe) if caches_text(config) else family.ids_spec(pipe))
   schema.update(family.image_conditioning_spec(pipe))
+  if config.masked_loss:
+    schema["mask"] = ((height // factor, width // factor, 1), jnp.float32)
   return schema
 
 
@@ -124,9 +127,9 @@ def load_instance_images(config) -> data_lib.SubjectImages:
     return hf_datasets.load_dataset_images(
         config.dataset_name, split=config.dataset_split, image_column=config.image_column,
         caption_column=config.caption_column, resolution=config.resolution, default_caption=config.instance_prompt,
-        on_bad_image=config.on_bad_image, buckets=bucket_choices(config))
+        on_bad_image=config.on_bad_image, buckets=bucket_choices(config), masks=config.masked_loss)
   return _load_images("instance_data_dir", pathlib.Path(config.instance_data_dir or BUNDLED_DOG), config.resolution,
-                      config.instance_prompt, config.on_bad_image, bucket_choices(config))
+                      config.instance_prompt, config.on_bad_image, bucket_choices(config), config.masked_loss)
 
 
 def used_buckets(config, instance: data_lib.SubjectImages) -> list[tuple[int, int]]:
@@ -144,9 +147,11 @@ def _encode_text(family, modules, ids):
   return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
 
 
-def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str, buckets=None):
+def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str, buckets=None,
+                 masks: bool = False):
   try:
-    return data_lib.load_subject_images(folder, resolution, caption, on_bad_image=on_bad_image, buckets=buckets)
+    return data_lib.load_subject_images(folder, resolution, caption, on_bad_image=on_bad_image, buckets=buckets,
+                                        masks=masks)
   except FileNotFoundError as e:  # the key to change, for the CLI's one-line error
     raise FileNotFoundError(f"{key}: {e}") from None
 
@@ -197,6 +202,7 @@ class TrainData:
       logging.info("instance images per bucket (HxW): %s", counts)
 
     self.schema = batch_schema(config, pipe)
+    self.latent_factor = pipe.family.latent_factor(pipe.configs)
     self.latents = None
     if caches_latents(config):
       self.latents = {"instance": self._cache_latents(pipe.vae, self.sets["instance"])}
@@ -214,14 +220,18 @@ class TrainData:
       self.text_table = {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in self.family.TEXT_KEYS}
 
   def _cache_latents(self, vae, images) -> dict:
-    """Posterior mean/std per image: arrays (2, h, w, C) (unflipped, flipped) at the image's own size."""
-    means, stds = [], []
+    """Posterior mean/std per image: arrays (2, h, w, C) (unflipped, flipped) at the image's own size; with masks,
+    the loss mask on the latent grid the same way, (2, h, w, 1)."""
+    means, stds, masks = [], [], []
     for i in range(len(images.paths)):
       pixels = np.stack([data_lib.center_crop_pixels(images, i, flip) for flip in (False, True)])
       mean, std = _encode(vae, pixels)
       means.append(np.asarray(mean))
       stds.append(np.asarray(std))
-    return {"mean": means, "std": stds}
+      if images.masks is not None:
+        masks.append(np.stack([data_lib.latent_mask(data_lib.center_crop_mask(images, i, flip), self.latent_factor)
+                               for flip in (False, True)]))
+    return {"mean": means, "std": stds, **({"mask": masks} if images.masks is not None else {})}
 
   def _part(self, name: str, example: dict, offset: int, size: tuple[int, int]) -> dict:
     """An iterator's examples of set `name` as batch_schema arrays; slots start at `offset`; size: the (H, W)
@@ -235,6 +245,8 @@ class TrainData:
       part["latent_std"] = np.stack([table["std"][i][f] for i, f in rows])
     else:
       part["pixels"] = example["pixels_BHWC"]
+    if "mask" in self.schema:
+      part["mask"] = self._masks(name, example, size)
     part.update(self.family.training_image_conditioning(example["original_size_B2"], example["crop_top_left_B2"],
                                                         size))
     if self.caches_text:
@@ -243,6 +255,17 @@ class TrainData:
     else:
       part.update(self.family.tokenize(self.tokenizers, list(example["caption_B"])))
     return part
+
+  def _masks(self, name: str, example: dict, size: tuple[int, int]) -> np.ndarray:
+    """The examples' loss masks on the latent grid, (B, h, w, 1). Class examples get all ones: generated class
+    images have no masks, and base_output preserves the base model over the whole image."""
+    factor = self.latent_factor
+    if name == "class":
+      return np.ones((len(example["index_B"]), size[0] // factor, size[1] // factor, 1), np.float32)
+    if self.latents is not None:  # cached with the posteriors, per (image, flip)
+      table = self.latents[name]["mask"]
+      return np.stack([table[i][f] for i, f in zip(example["index_B"], example["flip_B"].astype(np.int32))])
+    return np.stack([data_lib.latent_mask(m, factor) for m in example["mask_BHW"]])
 
   def fixed_examples(self, name: str, count: int, first_slot: int = 0) -> dict:
     """`count` examples of set `name` (all of it, or a seeded choice), centre-cropped, not flipped, whatever the

@@ -60,10 +60,11 @@ def _check_column(rows, dataset_name: str, split: str, key: str, column: str):
 
 
 def _decode(value, folder: pathlib.Path | None):
-  """(RGB PIL image, its file path or None) of an image column's value (undecoded Image feature, path string)."""
+  """(PIL image as stored, any mode; its file path or None) of an image column's value (undecoded Image feature,
+  path string)."""
   from PIL import Image, ImageOps  # noqa: PLC0415
   if isinstance(value, Image.Image):  # already decoded (not an Image feature's column)
-    return data_lib.to_rgb(ImageOps.exif_transpose(value)), None
+    return ImageOps.exif_transpose(value), None
   if isinstance(value, str):
     value = {"path": value, "bytes": None}
   elif isinstance(value, bytes):
@@ -75,7 +76,7 @@ def _decode(value, folder: pathlib.Path | None):
     path = str(folder / path)
   try:
     source = io.BytesIO(value["bytes"]) if value.get("bytes") else pathlib.Path(path)
-    return data_lib.open_image(source), path
+    return data_lib.decode(source), path
   except Exception as e:
     raise ValueError(f"{f'{path}: ' if path else ''}{_first_line(e)}") from None
 
@@ -90,11 +91,11 @@ def _caption(value) -> str:
 
 def load_dataset_images(dataset_name: str, *, split: str = "train", image_column: str = "image",
                         caption_column: str = "", resolution: int, default_caption: str,
-                        on_bad_image: str = "error", buckets=None) -> data_lib.SubjectImages:
+                        on_bad_image: str = "error", buckets=None, masks: bool = False) -> data_lib.SubjectImages:
   """The split's images (each in its bucket when `buckets`), as data/images.py's load_subject_images returns a
   folder's: captions from caption_column ("" = default_caption for every image). A bad row (undecodable image,
   missing, None or empty caption) stops the load with every bad row named, or with on_bad_image="skip" is skipped
-  with a warning."""
+  with a warning. masks: each image's loss mask is its alpha channel (all ones without one), resized with it."""
   import datasets  # noqa: PLC0415
   data_lib.check_on_bad_image(on_bad_image)
   rows, folder = open_split(dataset_name, split)
@@ -104,12 +105,13 @@ def load_dataset_images(dataset_name: str, *, split: str = "train", image_column
   if isinstance(rows.features[image_column], datasets.Image):  # our decoding rules (EXIF, modes), not the library's
     rows = rows.cast_column(image_column, datasets.Image(decode=False))
   rows = rows.select_columns([image_column, *([caption_column] if caption_column else [])])
-  paths, captions, images, sizes, chosen, bad = [], [], [], [], [], []
+  paths, captions, images, sizes, chosen, loaded_masks, bad = [], [], [], [], [], [], []
   for index, row in enumerate(rows):
     name = f"{dataset_name}[{split}][{index}]"
     try:
       caption = _caption(row[caption_column]) if caption_column else default_caption
-      image, file = _decode(row[image_column], folder)
+      raw, file = _decode(row[image_column], folder)
+      image, mask = data_lib.to_rgb(raw), (data_lib.alpha_channel(raw) if masks else None)
       stored, bucket = data_lib.fit(image, resolution, buckets, file or name)
     except Exception as e:  # PIL raises many types for broken images
       bad.append(f"row {index}: {e}")
@@ -117,6 +119,7 @@ def load_dataset_images(dataset_name: str, *, split: str = "train", image_column
     paths.append(pathlib.Path(name))
     captions.append(caption)
     images.append(stored)
+    loaded_masks.append(None if mask is None else data_lib.resize_like(mask, stored))
     sizes.append((image.height, image.width))
     if bucket:
       chosen.append(bucket)
@@ -130,4 +133,5 @@ def load_dataset_images(dataset_name: str, *, split: str = "train", image_column
   if not paths:
     raise data_lib.BadImagesError(f"{where}: no usable rows ({len(rows)} in the split)")
   return data_lib.SubjectImages(paths=paths, captions=captions, images=images, resolution=resolution,
-                                original_sizes=sizes, buckets=chosen or None, files=False)
+                                original_sizes=sizes, buckets=chosen or None, files=False,
+                                masks=loaded_masks if masks else None)

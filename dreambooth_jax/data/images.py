@@ -6,6 +6,11 @@ file named (or is skipped and logged with on_bad_image="skip"). Each image is st
 aspect-ratio buckets, data/buckets.py: resized to cover its bucket); per step only crop, flip and normalisation
 remain. Crops and flips are pure functions of
 (seed, epoch, position), so an iterator restored from its state yields exactly what the original would have.
+
+Masked loss (kohya's): an image's loss mask in [0, 1] comes from `NAME_mask.png` beside `NAME.ext` (grayscale / 255;
+white = trained, black = ignored), else its alpha channel, else it is all ones. It is resized, cropped and flipped
+exactly as its image, then averaged over each f x f block down to the latent grid (latent_mask). A `*_mask.png`
+whose stem minus `_mask` names an image of the folder is a mask, never an instance photo, with masked loss off too.
 """
 
 import dataclasses
@@ -19,6 +24,7 @@ from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
+MASK_SUFFIX = "_mask.png"
 
 
 class BadImagesError(ValueError):
@@ -43,15 +49,52 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
-def open_image(source) -> Image.Image:
-  """Decodes fully (catches truncation), applies EXIF orientation, returns RGB. Raises with the reason.
-  source: a file's path, or a binary file object (a dataset's encoded image bytes, data/hf_datasets.py)."""
+def alpha_channel(image: Image.Image) -> Image.Image | None:
+  """The transparency (mode "L") of an image that has one (the modes to_rgb composites), else None."""
+  if image.mode in ("RGBA", "LA", "PA") or ("transparency" in image.info and image.mode in ("RGB", "L", "P")):
+    return image.convert("RGBA").getchannel("A")
+  return None
+
+
+def decode(source) -> Image.Image:
+  """The image as stored (any mode), fully decoded (catches truncation), EXIF-rotated. source: a file's path, or a
+  binary file object (a dataset's encoded image bytes, data/hf_datasets.py)."""
   if isinstance(source, (str, pathlib.Path)) and pathlib.Path(source).stat().st_size == 0:
     raise ValueError("empty file")
   with Image.open(source) as image:
     image.load()
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    return ImageOps.exif_transpose(image)
+
+
+def open_image(source) -> Image.Image:
+  """Decodes fully (catches truncation), applies EXIF orientation, returns RGB. Raises with the reason.
+  source: a file's path, or a binary file object (a dataset's encoded image bytes, data/hf_datasets.py)."""
+  return to_rgb(decode(source))
+
+
+def open_image_and_mask(path: pathlib.Path) -> tuple[Image.Image, Image.Image | None]:
+  """(RGB image, its loss mask as mode "L" or None = all ones): NAME_mask.png in any mode as grayscale, else the
+  image's alpha channel. A mask of another size than its image raises, naming both."""
+  image = decode(path)
+  mask_path = path.with_name(path.stem + MASK_SUFFIX)
+  if mask_path.is_file():
+    try:
+      mask = to_rgb(decode(mask_path)).convert("L")
+    except Exception as e:  # PIL raises many types for broken files
+      raise ValueError(f"its mask {mask_path.name} cannot be read ({type(e).__name__}: {e})") from None
+    if mask.size != image.size:
+      raise ValueError(f"its mask {mask_path.name} is {mask.width}x{mask.height}, the image {image.width}x"
+                       f"{image.height} (WxH); a mask must have its image's size")
+  else:
+    mask = alpha_channel(image)
+  return to_rgb(image), mask
+
+
+def mask_files(paths) -> set[pathlib.Path]:
+  """The `NAME_mask.png` files among paths whose NAME is the stem of another of them: masks, not photos (spelt
+  exactly so, as open_image_and_mask looks for them)."""
+  stems = {p.stem for p in paths}
+  return {p for p in paths if p.name.endswith(MASK_SUFFIX) and p.name[:-len(MASK_SUFFIX)] in stems}
 
 
 def resize_short_side(image: Image.Image, resolution: int, name: str = "") -> np.ndarray:
@@ -87,6 +130,12 @@ def fit(image: Image.Image, resolution: int, buckets, name: str) -> tuple[np.nda
 def check_on_bad_image(value: str):
   if value not in ("error", "skip"):
     raise ValueError(f"on_bad_image={value!r}: use 'error' or 'skip'")
+
+
+def resize_like(mask: Image.Image, image_uint8: np.ndarray) -> np.ndarray:
+  """A mask resized exactly as its image was (resize_short_side / resize_to_cover: the same size and filter),
+  uint8 HW."""
+  return np.asarray(mask.resize((image_uint8.shape[1], image_uint8.shape[0]), Image.BILINEAR), dtype=np.uint8)
 
 
 def load_image(path, resolution: int) -> np.ndarray:
@@ -149,6 +198,8 @@ class SubjectImages:
   original_sizes: list[tuple[int, int]]  # (height, width) as decoded (EXIF-rotated), before resizing
   buckets: list[tuple[int, int]] | None = None  # each image's bucket (H, W) when bucketed
   files: bool = True  # paths are the image files; False: names of dataset rows (data/hf_datasets.py), no files
+  # with masked loss: each image's loss mask, uint8 HW resized as its image (None: all ones); None when off
+  masks: list[np.ndarray | None] | None = None
 
   def references(self) -> list:
     """The photos evaluation compares generated images with (evaluate.embed_images): the files, or for dataset
@@ -161,21 +212,27 @@ class SubjectImages:
 
 
 def load_subject_images(folder, resolution: int, default_caption: str, on_bad_image: str = "error",
-                        buckets=None) -> SubjectImages:
-  """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution."""
+                        buckets=None, masks: bool = False) -> SubjectImages:
+  """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution; masks: read
+  each image's loss mask (open_image_and_mask)."""
   folder = pathlib.Path(folder)
   check_on_bad_image(on_bad_image)
   if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: image folder missing")
   candidates = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-  paths, images, sizes, chosen, bad = [], [], [], [], []
-  for path in candidates:
+  skipped = mask_files(candidates)
+  if skipped:
+    logging.info("%s: %d mask file(s) (NAME_mask.png) are not training images%s: %s", folder, len(skipped),
+                 "" if masks else " (masked_loss is off: not used)", ", ".join(sorted(p.name for p in skipped)))
+  paths, images, sizes, chosen, loaded_masks, bad = [], [], [], [], [], []
+  for path in (p for p in candidates if p not in skipped):
     try:
-      image = open_image(path)
+      image, mask = open_image_and_mask(path) if masks else (open_image(path), None)
       stored, bucket = fit(image, resolution, buckets, str(path))
       images.append(stored)
       if bucket:
         chosen.append(bucket)
+      loaded_masks.append(None if mask is None else resize_like(mask, stored))
       sizes.append((image.height, image.width))
       paths.append(path)
     except Exception as e:  # PIL raises many types for broken files
@@ -190,7 +247,8 @@ def load_subject_images(folder, resolution: int, default_caption: str, on_bad_im
     raise BadImagesError(f"{folder}: no usable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
   captions = read_captions(folder, {p.name for p in paths})
   return SubjectImages(paths=paths, captions=[captions.get(p.name, default_caption) for p in paths],
-                       images=images, resolution=resolution, original_sizes=sizes, buckets=chosen or None)
+                       images=images, resolution=resolution, original_sizes=sizes, buckets=chosen or None,
+                       masks=loaded_masks if masks else None)
 
 
 def crop(image: np.ndarray, size: tuple[int, int], top: int, left: int, flip: bool) -> np.ndarray:
@@ -204,10 +262,35 @@ def center_crop_pixels(images: SubjectImages, index: int, flip: bool) -> np.ndar
   return to_pixels(crop(image, (th, tw), (h - th) // 2, (w - tw) // 2, flip))
 
 
+def center_crop_mask(images: SubjectImages, index: int, flip: bool) -> np.ndarray:
+  """The loss mask of center_crop_pixels' example, float32 (H, W) in [0, 1]."""
+  (th, tw), h, w = images.target_size(index), *images.images[index].shape[:2]
+  return mask_crop(images, index, (th, tw), (h - th) // 2, (w - tw) // 2, flip)
+
+
+def mask_crop(images: SubjectImages, index: int, size: tuple[int, int], top: int, left: int,
+              flip: bool) -> np.ndarray:
+  """Image `index`'s loss mask cropped and flipped as its pixels, float32 (H, W) in [0, 1] (all ones without one)."""
+  mask = images.masks[index] if images.masks else None
+  if mask is None:
+    return np.ones(size, np.float32)
+  return crop(mask, size, top, left, flip).astype(np.float32) / 255.0
+
+
+def latent_mask(mask_HW: np.ndarray, factor: int) -> np.ndarray:
+  """A pixel mask down to the latent grid: float32 (H/f, W/f, 1). kohya interpolates with mode="area"; our crops
+  are multiples of f, so area interpolation is exactly the mean of each f x f block, which this computes."""
+  height, width = mask_HW.shape
+  if height % factor or width % factor:
+    raise ValueError(f"mask of {height}x{width} pixels does not divide into {factor}x{factor} latent cells")
+  blocks = np.asarray(mask_HW, np.float64).reshape(height // factor, factor, width // factor, factor)
+  return blocks.mean(axis=(1, 3)).astype(np.float32)[..., None]
+
+
 def make_example(images: SubjectImages, index: int, rng: np.random.Generator, center_crop: bool,
-                 random_flip: bool) -> tuple[bool, np.ndarray, tuple[int, int]]:
-  """(flip, uint8 crop, crop top-left) of image `index` at its target size; rng decides the flip and a random
-  crop."""
+                 random_flip: bool) -> tuple[bool, np.ndarray, tuple[int, int], np.ndarray | None]:
+  """(flip, uint8 crop, crop top-left, loss mask crop) of image `index` at its target size; rng decides the flip and
+  a random crop. The mask (float32 HW, mask_crop) goes through the same crop and flip; None without masked loss."""
   flip = bool(random_flip and rng.random() < 0.5)
   image, (th, tw) = images.images[index], images.target_size(index)
   h, w = image.shape[:2]
@@ -215,13 +298,14 @@ def make_example(images: SubjectImages, index: int, rng: np.random.Generator, ce
     top, left = (h - th) // 2, (w - tw) // 2
   else:
     top, left = int(rng.integers(0, h - th + 1)), int(rng.integers(0, w - tw + 1))
+  mask = None if images.masks is None else mask_crop(images, index, (th, tw), top, left, flip)
   # SDXL's crop conditioning: the crop's top-left in the (flipped) resized image, as diffusers' SDXL scripts
   # flip before cropping
-  return flip, crop(image, (th, tw), top, left, flip), (top, w - left - tw if flip else left)
+  return flip, crop(image, (th, tw), top, left, flip), (top, w - left - tw if flip else left), mask
 
 
 def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels: bool) -> dict:
-  """rows: (index, flip, uint8 crop, crop top-left) per example -> the iterators' batch dict."""
+  """rows: (index, flip, uint8 crop, crop top-left, mask crop) per example -> the iterators' batch dict."""
   batch = {
       "index_B": np.array([r[0] for r in rows], np.int32),
       "flip_B": np.array([r[1] for r in rows], bool),
@@ -232,8 +316,10 @@ def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels:
       # depend on how the batch is laid out over processes and devices
       "slot_B": slots_B,
   }
-  if with_pixels:  # off when the trainer reads cached latents by (index, flip) instead
+  if with_pixels:  # off when the trainer reads cached latents (and masks) by (index, flip) instead
     batch["pixels_BHWC"] = np.stack([to_pixels(r[2]) for r in rows])
+    if images.masks is not None:
+      batch["mask_BHW"] = np.stack([r[4] for r in rows])
   return batch
 
 

@@ -134,7 +134,12 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
         family.denoise(base, noised.x_t, noised.t_B, encode(base), image).astype(jnp.float32))
     target = jnp.where(micro["prior"][:, None, None, None] > 0, base_prediction, target)
   prediction = family.denoise(modules, noised.x_t, noised.t_B, text, image)
-  mse_B = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=(1, 2, 3))
+  squared_BHWC = jnp.square(prediction.astype(jnp.float32) - target)
+  if "mask" in micro:
+    # masked_loss: kohya's apply_masked_loss, the (B, h, w, 1) mask on the latent grid multiplied in, then the plain
+    # mean: no renormalisation by the mask's area (a half mask gives half the kept half's mean)
+    squared_BHWC = squared_BHWC * micro["mask"]
+  mse_B = jnp.mean(squared_BHWC, axis=(1, 2, 3))
   return mse_B if noised.weight_B is None else mse_B * noised.weight_B
 
 
@@ -171,7 +176,7 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
   batch:  arrays with a leading gradient-accumulation axis (A, B, ...), the schema of data.batches.batch_schema:
           "pixels" or "latent_mean"/"latent_std", the family's ID_KEYS or cached TEXT_KEYS, its image
           conditioning, "prior" (B,) flags and "slot" (B,) the examples' positions in the step's whole batch
-          (A x B; the keys of their noise).
+          (A x B; the keys of their noise), with masked_loss "mask" (B, h, w, 1).
   rng:    the run's base key; the step's key is fold_in(rng, step), so a resumed run draws the same noise.
   frozen: the parameters that are not trained ("vae", and "text_encoder" unless it is trained or its embeddings are
           cached), for LoRA the frozen base weights ("unet_base", ["text_encoder_base"]), and the schedule.
