@@ -102,6 +102,19 @@ def read_captions(folder: pathlib.Path, names: set[str]) -> dict[str, str]:
   return captions
 
 
+def read_caption_files(paths, extension: str, known: dict[str, str]) -> dict[str, str]:
+  """{image name: caption} from the NAME{extension} files beside the images (stripped, UTF-8); an image with a
+  caption in metadata.jsonl too is refused (one home per caption)."""
+  captions = {}
+  for path in paths:
+    text_path = path.with_suffix(extension)
+    if text_path.is_file():
+      if path.name in known:
+        raise ValueError(f"{path}: captioned both in {METADATA} and in {text_path.name}; keep one")
+      captions[path.name] = text_path.read_text(encoding="utf-8").strip()
+  return captions
+
+
 @dataclasses.dataclass
 class SubjectImages:
   paths: list[pathlib.Path]
@@ -110,6 +123,8 @@ class SubjectImages:
   resolution: int
   original_sizes: list[tuple[int, int]]  # (height, width) as decoded (EXIF-rotated), before resizing
   buckets: list[tuple[int, int]] | None = None  # each image's bucket (H, W) when bucketed
+  concepts: list[int] | None = None  # each image's concept (config.concepts index); None = one subject
+  repeats: list[int] | None = None  # each image's appearances per epoch (its concept's num_repeats); None = once
 
   def target_size(self, index: int) -> tuple[int, int]:
     """(H, W) the image is cropped to: its bucket, or the square resolution."""
@@ -117,8 +132,9 @@ class SubjectImages:
 
 
 def load_subject_images(folder, resolution: int, default_caption: str, on_bad_image: str = "error",
-                        buckets=None) -> SubjectImages:
-  """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution."""
+                        buckets=None, caption_extension: str = "") -> SubjectImages:
+  """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution.
+  caption_extension: e.g. ".txt": NAME.txt beside NAME.jpg is that image's caption (kohya); "" = none."""
   from dreambooth_jax.data import buckets as buckets_lib  # noqa: PLC0415
   folder = pathlib.Path(folder)
   if on_bad_image not in ("error", "skip"):
@@ -148,6 +164,8 @@ def load_subject_images(folder, resolution: int, default_caption: str, on_bad_im
   if not paths:
     raise BadImagesError(f"{folder}: no usable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
   captions = read_captions(folder, {p.name for p in paths})
+  if caption_extension:
+    captions.update(read_caption_files(paths, caption_extension, captions))
   return SubjectImages(paths=paths, captions=[captions.get(p.name, default_caption) for p in paths],
                        images=images, resolution=resolution, original_sizes=sizes, buckets=chosen or None)
 
@@ -191,6 +209,8 @@ def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels:
       # depend on how the batch is laid out over processes and devices
       "slot_B": slots_B,
   }
+  if images.concepts is not None:
+    batch["concept_B"] = np.array([images.concepts[r[0]] for r in rows], np.int32)
   if with_pixels:  # off when the trainer reads cached latents by (index, flip) instead
     batch["pixels_BHWC"] = np.stack([to_pixels(r[2]) for r in rows])
   return batch
@@ -199,9 +219,10 @@ def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels:
 class SubjectIterator:
   """Infinite, deterministic batches of one process's slice of the global batch.
 
-  The example sequence is the concatenation of per-epoch permutations drawn from (seed, epoch); the global batch
-  of a step is the next `batch_size_per_process * process_count` examples, of which this process takes its own
-  contiguous slice.
+  The example sequence is the concatenation of per-epoch permutations drawn from (seed, epoch) of the images, each
+  images.repeats[i] times (kohya's num_repeats; once when None); the global batch of a step is the next
+  `batch_size_per_process * process_count` examples, of which this process takes its own contiguous slice.
+  global_concepts: the concepts of the last global batch's examples (with images.concepts).
   """
 
   def __init__(self, images: SubjectImages, batch_size_per_process: int, *, seed: int, center_crop: bool = True,
@@ -212,26 +233,33 @@ class SubjectIterator:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     self.epoch, self.position = 0, 0
+    # each image once per epoch, or repeats[i] times: the permutation of arange(n) is today's single-subject order
+    self.sequence = np.repeat(np.arange(len(images.paths)), images.repeats or 1)
+    self.global_concepts = []
+
+  def _index(self, epoch: int, position: int) -> int:
+    return int(self.sequence[np.random.default_rng((self.seed, epoch)).permutation(len(self.sequence))[position]])
 
   def _example(self, epoch: int, position: int):
-    n = len(self.images.paths)
-    index = int(np.random.default_rng((self.seed, epoch)).permutation(n)[position])
+    index = self._index(epoch, position)
     rng = np.random.default_rng((self.seed, epoch, position, 1))
     return index, *make_example(self.images, index, rng, self.center_crop, self.random_flip)
 
   def _advance(self):
     self.position += 1
-    if self.position == len(self.images.paths):
+    if self.position == len(self.sequence):
       self.epoch, self.position = self.epoch + 1, 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    rows = []
+    rows, self.global_concepts = [], []
     for k in range(self.local * self.process_count):
       if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
         rows.append(self._example(self.epoch, self.position))
+      if self.images.concepts is not None:  # the class side pairs by them (data/concepts.py)
+        self.global_concepts.append(self.images.concepts[self._index(self.epoch, self.position)])
       self._advance()
     slots = np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32)
     return rows_to_batch(self.images, rows, slots, self.with_pixels)

@@ -1,5 +1,6 @@
-"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step, with its "bucket" [H, W];
-one per validation loss; event records such as {"event": "compile", ...}) and a console progress bar.
+"""Training metrics: TensorBoard, WORKDIR/metrics.jsonl (one JSON object per step, with its "bucket" [H, W], and
+with config.concepts `instance_loss/<name>` and `prior_loss/<name>` per concept, null when the step had no example
+of it; one per validation loss; event records such as {"event": "compile", ...}) and a console progress bar.
 
 Values arrive as device arrays and are read one step late (after the next step is dispatched) so the host never
 waits for the device in the loop.
@@ -19,6 +20,21 @@ class NonFiniteLoss(FloatingPointError):
   end (the levers are the config's learning rate, max_grad_norm and precision), so the CLI prints one line."""
 
 
+def concept_losses(values: dict, names: list[str]) -> dict:
+  """The step's per-concept sums and counts (step.CONCEPT_METRICS, (C,) arrays) replaced by instance_loss/<name> and
+  prior_loss/<name>: the mean over the step's examples of that concept and kind, None when it had none."""
+  from dreambooth_jax.training.step import CONCEPT_METRICS  # noqa: PLC0415 (step is jax-heavy; keep this light)
+  if not names:
+    return values
+  host = {k: np.asarray(jax.device_get(values[k]), np.float64) for k in CONCEPT_METRICS}
+  out = {k: v for k, v in values.items() if k not in CONCEPT_METRICS}
+  for kind in ("instance", "prior"):
+    sums, counts = host[f"concept_{kind}_sum"], host[f"concept_{kind}_count"]
+    for name, total, count in zip(names, sums, counts):
+      out[f"{kind}_loss/{name}"] = float(total / count) if count > 0 else None
+  return out
+
+
 class MetricsWriter:
   def __init__(self, workdir: pathlib.Path, *, total_steps: int, initial_step: int, enabled: bool = True):
     self.enabled = enabled
@@ -32,13 +48,13 @@ class MetricsWriter:
 
   def write(self, step: int, scalars: dict, bucket=None):
     """One step record: the scalars, and the step's (H, W) when given."""
-    scalars = {k: float(v) for k, v in jax.device_get(scalars).items()}
+    scalars = {k: None if v is None else float(v) for k, v in jax.device_get(scalars).items()}
     if self.enabled:
       shape = {} if bucket is None else {"bucket": [int(x) for x in bucket]}
       self.jsonl.write(json.dumps({"step": step, **scalars, **shape}) + "\n")
       self.jsonl.flush()
       for k, v in scalars.items():
-        if math.isfinite(v):
+        if v is not None and math.isfinite(v):
           self.tensorboard.add_scalar(f"train/{k}", v, step)
       self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
       self.bar.update(step - self.bar.n)
