@@ -140,7 +140,8 @@ def concepts_config_file(tmp_path: pathlib.Path) -> pathlib.Path:
   entries = two_subjects(tmp_path)
   lines = [f"  c.{k} = type(c.{k})({v!r}) if not isinstance(c.{k}, bool) else {v!r} == 'True'"
            for k, v in (item.split("=", 1) for item in (*FAST, "max_train_steps=8", "validation_steps=8",
-                                                        "num_class_images=2", "validation_loss=True"))]
+                                                        "num_class_images=2", "validation_loss=True",
+                                                        "export_at_end=False"))]
   path = tmp_path / "two.py"
   path.write_text("from dreambooth_jax.config_files import load\n"
                   f"def get_config(arg=None):\n  c = load({str(ROOT / 'configs' / 'tiny.py')!r})\n"
@@ -181,7 +182,8 @@ def test_two_subjects_log_per_concept_losses(concepts_run):
   assert saved["concepts"][0]["num_repeats"] == 1 and saved["concepts"][1]["prior_loss_weight"] == 0.5
   assert saved["concepts"][0]["num_class_images"] == 2 and set(saved["concepts"][1]) == set(concepts_lib.ENTRY_DEFAULTS)
   from dreambooth_jax.training import run_state
-  assert concepts_lib.resolve(run_state.read_run_config(workdir)) == concepts_lib.resolve(config_files.load(config_file))
+  resolved = concepts_lib.resolve(config_files.load(config_file))
+  assert concepts_lib.resolve(run_state.read_run_config(workdir)) == resolved
 
 
 def test_kill_9_then_rerun_gives_identical_per_concept_losses(concepts_run, tmp_path):
@@ -215,3 +217,14 @@ def test_unusable_folder_is_named_by_its_entry(tmp_path):
   with pytest.raises(ValueError, match=rf"^concepts\[1\] \(zwx toy\): instance_data_dir={tmp_path / 'empty'}: .*no "
                                        "usable images"):
     batches.load_instance_images(config)
+
+
+def test_base_output_pairs_each_concept_with_its_own_photos(tmp_path):
+  config = fast_config("prior_preservation=base_output", "train_batch_size=4")
+  config.concepts = two_subjects(tmp_path)
+  folders = {"dog": str(DOG), "zwx toy": str(tmp_path / "toy")}
+  for step in batches.example_sequence(config, 5, tmp_path / "work"):
+    for e in (e for e in step if e["prior"]):
+      assert str(pathlib.Path(e["path"]).parent) == folders[e["concept"]]
+      assert e["caption"] == {"dog": "a photo of dog", "zwx toy": "a photo of toy"}[e["concept"]]
+  assert not (tmp_path / "work" / "class_images").exists()

@@ -283,7 +283,8 @@ class TrainData:
     """`count` examples of set `name` (all of it, or a seeded choice), centre-cropped, not flipped, whatever the
     training's crop and flip settings, with slots first_slot, first_slot + 1, ...: the validation loss's. Square
     runs only (buckets.check_settings refuses validation_loss with buckets)."""
-    it = data_lib.SubjectIterator(self.sets[name], count, seed=self.config.seed, center_crop=True,
+    once = dataclasses.replace(self.sets[name], repeats=None)  # each image once, whatever its num_repeats
+    it = data_lib.SubjectIterator(once, count, seed=self.config.seed, center_crop=True,
                                   random_flip=False, process_index=0, process_count=1,
                                   with_pixels=self.latents is None)
     return self._part(name, next(it), first_slot, (self.config.resolution, self.config.resolution))

@@ -3,10 +3,10 @@
 loss = mean over instance examples of ||eps_hat(z_t, c) - target||^2
      + prior_loss_weight * the same mean over class (prior-preservation) examples,
 the two kinds told apart by a per-example `prior` flag rather than by batch halves, so the loss is the same on any
-number of devices and any sharding of the batch. With several concepts (config.concepts) a class example's term is
-weighted by its concept's prior_loss_weight (a per-example `concept` index), and the step also returns per-concept
-sums and counts of the instance and prior losses (CONCEPT_METRICS). With prior_preservation="base_output" a class example's target is
-the frozen base model's prediction on the same noised latents and prompt, not the noise (or v).
+number of devices and any sharding of the batch. With prior_preservation="base_output" a class example's target is
+the frozen base model's prediction on the same noised latents and prompt, not the noise (or v). With several
+concepts (config.concepts) a class example's term is weighted by its concept's prior_loss_weight (a per-example
+`concept` index), and the step also returns per-concept sums and counts of the losses (CONCEPT_METRICS).
 """
 
 import dataclasses
