@@ -9,6 +9,7 @@ waits for the device in the loop.
 import json
 import math
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -35,6 +36,12 @@ def concept_losses(values: dict, names: list[str]) -> dict:
   return out
 
 
+def tensorboard_tag(name: str) -> str:
+  """A tensorboard tag for `name`: concept names may hold spaces ("10_sks dog"), which tensorboard warns about at
+  every write and rewrites; they are written as "_" (metrics.jsonl keeps the names as they are)."""
+  return re.sub(r"[^\w./-]", "_", name)
+
+
 class MetricsWriter:
   def __init__(self, workdir: pathlib.Path, *, total_steps: int, initial_step: int, enabled: bool = True):
     self.enabled = enabled
@@ -55,7 +62,7 @@ class MetricsWriter:
       self.jsonl.flush()
       for k, v in scalars.items():
         if v is not None and math.isfinite(v):
-          self.tensorboard.add_scalar(f"train/{k}", v, step)
+          self.tensorboard.add_scalar(tensorboard_tag(f"train/{k}"), v, step)
       self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
       self.bar.update(step - self.bar.n)
     return scalars
@@ -66,7 +73,7 @@ class MetricsWriter:
       self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
       self.jsonl.flush()
       for k, v in scalars.items():
-        self.tensorboard.add_scalar(k, v, step)
+        self.tensorboard.add_scalar(tensorboard_tag(k), v, step)
 
   def event(self, record: dict):
     """A record that is not a step (e.g. a compile), as it is."""
@@ -74,9 +81,9 @@ class MetricsWriter:
       self.jsonl.write(json.dumps(record) + "\n")
       self.jsonl.flush()
 
-  def image(self, tag: str, image_HWC: np.ndarray, step: int):
+  def image(self, name: str, image_HWC: np.ndarray, step: int):
     if self.enabled:
-      self.tensorboard.add_image(tag, image_HWC, step, dataformats="HWC")
+      self.tensorboard.add_image(tensorboard_tag(name), image_HWC, step, dataformats="HWC")
 
   def scalar(self, tag: str, value: float, step: int):
     if self.enabled:
