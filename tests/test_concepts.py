@@ -228,3 +228,16 @@ def test_base_output_pairs_each_concept_with_its_own_photos(tmp_path):
       assert str(pathlib.Path(e["path"]).parent) == folders[e["concept"]]
       assert e["caption"] == {"dog": "a photo of dog", "zwx toy": "a photo of toy"}[e["concept"]]
   assert not (tmp_path / "work" / "class_images").exists()
+
+
+def test_cli_refuses_a_bad_entry_in_one_line(tmp_path):
+  from test_cli_errors import run_cli
+  config_file = tmp_path / "bad.py"
+  config_file.write_text("from dreambooth_jax.config_files import load\n"
+                         f"def get_config(arg=None):\n  c = load({str(ROOT / 'configs' / 'tiny.py')!r})\n"
+                         f"  c.concepts = [{{'name': 'dog', 'instance_data_dir': {str(DOG)!r}}}, "
+                         "{'name': 'cat', 'instance_data_dir': '/no/such/cats'}]\n  return c\n")
+  result = run_cli("train", f"--config={config_file}", f"--workdir={tmp_path / 'run'}", tmp_path=tmp_path)
+  assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last == "train: error: concepts[1] (cat): instance_data_dir=/no/such/cats: image folder missing", last
