@@ -52,7 +52,8 @@ def _flat_keys(config, prefix: str = "") -> dict[str, object]:
 
 
 def unknown_keys(config, known=None) -> list[str]:
-  """Dotted keys of `config` that are not in `known` (default: configs/common.py), nested ones too."""
+  """Dotted keys of `config` that are not in `known` (default: configs/common.py), nested ones too, and the keys of
+  config.concepts entries that are not entry keys ("concepts[1].nmae")."""
   known_keys = _flat_keys(defaults() if known is None else known)
   found = []
   for key, value in _flat_keys(config).items():
@@ -63,6 +64,9 @@ def unknown_keys(config, known=None) -> list[str]:
       continue  # a known setting whose value is a dict (none today): its contents are its value
     if key not in known_keys:
       found.append(key)
+  if "concepts" in known_keys and isinstance(config.get("concepts"), (list, tuple)):
+    from dreambooth_jax.data import concepts  # noqa: PLC0415 (the entry keys' one home)
+    found += concepts.unknown_entry_keys(config["concepts"])
   return sorted(found)
 
 
@@ -71,6 +75,11 @@ def describe_unknown(keys, known=None) -> str:
   names = list(_flat_keys(defaults() if known is None else known))
   parts = []
   for key in keys:
+    if key.startswith("concepts["):  # an entry's key: the nearest entry key
+      from dreambooth_jax.data import concepts  # noqa: PLC0415
+      near = concepts.nearest_entry_key(key.partition(".")[2])
+      parts.append(f"{key} (did you mean {near}?)" if near else f"{key} (no similar concept key)")
+      continue
     near = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     parts.append(f"{key} (did you mean {near[0]}?)" if near else f"{key} (no similar setting)")
   return ", ".join(parts)

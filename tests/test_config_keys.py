@@ -15,7 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("name, arg", [("common.py", None), ("tiny.py", None), ("tiny.py", "lora"), ("dog.py", None),
                                        ("dog_sd21.py", None), ("dog_sdxl.py", None), ("dog_sdxl.py", "lora"),
-                                       ("dog_flux.py", None), ("dog_flux.py", "1024")])
+                                       ("dog_flux.py", None), ("dog_flux.py", "1024"),
+                                       ("two_subjects.py", "/data/dreambooth/dataset")])
 def test_shipped_configs_set_only_known_keys(name, arg):
   config_files.check_known(config_files.load(ROOT / "configs" / name, arg))
 
@@ -23,14 +24,14 @@ def test_shipped_configs_set_only_known_keys(name, arg):
 def test_unknown_keys_are_named_with_the_nearest_known_one():
   config = config_files.load(ROOT / "configs" / "tiny.py")
   config.learning_rat = 1e-4
-  config.subjects = [{"name": "dog"}]
+  config.concepts = [{"name": "dog", "instance_data_dir": "dog/"}, {"nmae": "cat"}]  # an entry's keys are checked too
   config.lora.rnak = 8
-  assert config_files.unknown_keys(config) == ["learning_rat", "lora.rnak", "subjects"]
+  assert config_files.unknown_keys(config) == ["concepts[1].nmae", "learning_rat", "lora.rnak"]
   with pytest.raises(ValueError) as error:
     config_files.check_known(config, "my.py")
   message = str(error.value)
-  assert message.startswith("my.py: unknown setting(s) learning_rat (did you mean learning_rate?), lora.rnak (did you "
-                            "mean lora.rank?), subjects (no similar setting)"), message
+  assert message.startswith("my.py: unknown setting(s) concepts[1].nmae (did you mean name?), learning_rat (did you "
+                            "mean learning_rate?), lora.rnak (did you mean lora.rank?)"), message
   with pytest.raises(ValueError, match="learning_rat"):  # the Python API refuses before any work
     run.train(config, pathlib.Path("/nonexistent/never/created"))
   with pytest.raises(ValueError, match="lora.rnak"):
@@ -67,12 +68,13 @@ def test_saved_config_with_keys_this_version_does_not_know_is_refused(tmp_path):
   saved = json.loads(config_files.defaults().to_json_best_effort())
   saved["ema_decya"] = 0.999
   saved["lora"]["rnak"] = 2
+  saved["concepts"] = [{"name": "dog", "instance_data_dir": "dog/", "num_repeat": 2}]
   (tmp_path / "config.json").write_text(json.dumps(saved))
   with pytest.raises(ValueError) as error:
     run_state.read_run_config(tmp_path)
   message = str(error.value)
   assert message.startswith(f"{tmp_path / 'config.json'}: setting(s) this version of dreambooth_jax does not know: "
-                            "ema_decya"), message
+                            "concepts[0].num_repeat (did you mean num_repeats?), ema_decya"), message
   assert ", lora.rnak (did you mean lora.rank?)" in message and "another version" in message
 
 

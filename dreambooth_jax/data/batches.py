@@ -19,7 +19,7 @@ from absl import logging
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.data import buckets as buckets_lib, hf_datasets, images as data_lib
+from dreambooth_jax.data import buckets as buckets_lib, concepts as concepts_lib, hf_datasets, images as data_lib
 
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
@@ -71,6 +71,8 @@ def batch_schema(config, pipe, bucket: tuple[int, int] | None = None) -> dict:
     the family's TEXT_KEYS (cached)        | its ID_KEYS (token ids, when a text encoder runs in the step)
     the family's image conditioning        (SDXL's time ids)
     mask (h, w, 1)                         with masked_loss: the loss mask on the latent grid (class examples: ones)
+    concept () int32                       with config.concepts: the example's concept (a class example: its
+                                           paired instance example's), which weights its prior term
 
   (H, W) is the bucket's, or the square resolution; (h, w) = (H/f, W/f), f the VAE's factor.
   """
@@ -87,6 +89,8 @@ def batch_schema(config, pipe, bucket: tuple[int, int] | None = None) -> dict:
   schema.update(family.image_conditioning_spec(pipe))
   if config.masked_loss:
     schema["mask"] = ((height // factor, width // factor, 1), jnp.float32)
+  if config.get("concepts"):
+    schema["concept"] = ((), jnp.int32)
   return schema
 
 
@@ -121,7 +125,10 @@ def check_instance_source(config):
 
 def load_instance_images(config) -> data_lib.SubjectImages:
   """The instance photos (each in its bucket when bucketing): the run reads them before compiling, to know the
-  buckets in use."""
+  buckets in use. With config.concepts, all concepts' photos (data/concepts.py)."""
+  concepts = concepts_lib.resolve(config)
+  if concepts:
+    return concepts_lib.load_instance_images(config, concepts)
   check_instance_source(config)
   if config.dataset_name:
     return hf_datasets.load_dataset_images(
@@ -156,6 +163,77 @@ def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: 
     raise FileNotFoundError(f"{key}: {e}") from None
 
 
+def host_data(config, workdir, instance=None, process_index: int = 0, process_count: int = 1,
+              with_pixels: bool = False) -> tuple[dict, dict, list[str]]:
+  """({set name: SubjectImages}, {set name: iterator}, concept names) of this process: the instance photos (given,
+  or loaded) and the class set, no model needed. Concept names are [] for the single-subject shorthand."""
+  local = config.train_batch_size // process_count
+  sets = {"instance": instance or load_instance_images(config)}
+  settings = dict(center_crop=config.center_crop, random_flip=config.random_flip, process_index=process_index,
+                  process_count=process_count, with_pixels=with_pixels)
+  concepts = concepts_lib.resolve(config)
+  if concepts:  # class examples paired per concept (data/concepts.py)
+    iterators = {"instance": data_lib.SubjectIterator(sets["instance"], local, seed=config.seed, **settings)}
+    if config.with_prior_preservation:
+      sets["class"], groups = concepts_lib.load_class_images(config, concepts, workdir, sets["instance"])
+      iterators["class"] = concepts_lib.PairedClassIterator(sets["class"], groups, [c.name for c in concepts], local,
+                                                            seed=config.seed + 1, **settings)
+    return sets, iterators, [c.name for c in concepts]
+  bucketed = sets["instance"].buckets is not None
+  if uses_base_output(config):  # drawn on their own: another order than the instance examples'
+    photos = sets["instance"]
+    sets["class"] = dataclasses.replace(photos, captions=[config.class_prompt] * len(photos.paths))
+  elif config.with_prior_preservation:
+    class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
+    sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
+                                 config.on_bad_image, used_buckets(config, sets["instance"]) if bucketed else None)
+  if bucketed:
+    accum = config.gradient_accumulation_steps
+    iterators = {"instance": buckets_lib.BucketIterator(sets["instance"], local, accum, seed=config.seed, **settings)}
+    if config.with_prior_preservation:
+      missing = sorted(set(used_buckets(config, sets["instance"])) - set(sets["class"].buckets))
+      if missing:
+        raise ValueError(f"class_data_dir={class_dir}: no class image in bucket(s) "
+                         f"{[buckets_lib.name(b) for b in missing]}; add some or let the run generate them")
+      iterators["class"] = buckets_lib.ClassBucketIterator(sets["class"], local, accum, seed=config.seed + 1,
+                                                           **settings)
+  else:
+    iterators = {name: data_lib.SubjectIterator(images, local, seed=config.seed + k, **settings)
+                 for k, (name, images) in enumerate(sets.items())}
+  return sets, iterators, []
+
+
+def paired_examples(iterators: dict) -> dict:
+  """One micro-batch of a concepts run: the instance examples, then each one's class example from its concept."""
+  examples = {"instance": next(iterators["instance"])}
+  if "class" in iterators:
+    examples["class"] = iterators["class"].next_for(iterators["instance"].global_concepts)
+  return examples
+
+
+def example_sequence(config, steps: int, workdir) -> list[list[dict]]:
+  """Per step, its global batch's examples in order (instance, then class), each {"concept", "path", "caption",
+  "flip", "prior"}, as the trainer draws them, without a model or pixels: to compare two configs' batches (a kohya
+  TOML and its config.concepts) or count what an epoch holds. One process; concept is "" for the single-subject
+  shorthand. Reads the class folders as they are (a run generates the missing class images first)."""
+  from dreambooth_jax.training import run_state  # noqa: PLC0415 (run_state builds on this module)
+  run_state.resolve_defaults(config)
+  sets, iterators, names = host_data(config, pathlib.Path(workdir))
+  out = []
+  for _ in range(steps):
+    if sets["instance"].buckets is not None:  # one draw holds the step's micro-batches
+      bucket, instance = next(iterators["instance"])
+      micro = [{"instance": instance, **({"class": iterators["class"].next_for(bucket)} if "class" in iterators
+                                          else {})}]
+    else:
+      micro = [paired_examples(iterators) if names else {name: next(it) for name, it in iterators.items()}
+               for _ in range(config.gradient_accumulation_steps)]
+    out.append([{"concept": names[int(e["concept_B"][k])] if names else "", "path": str(sets[name].paths[i]),
+                 "caption": e["caption_B"][k], "flip": bool(e["flip_B"][k]), "prior": name == "class"}
+                for step in micro for name, e in step.items() for k, i in enumerate(e["index_B"])])
+  return out
+
+
 class TrainData:
   def __init__(self, config, pipe, mesh, workdir: pathlib.Path, instance: data_lib.SubjectImages | None = None):
     """instance: the already loaded instance images (load_instance_images), else loaded here."""
@@ -168,34 +246,11 @@ class TrainData:
     self.global_batch_size = global_batch_size(config)
     if self.global_batch_size % mesh.shape["data"]:  # run.make_mesh refuses this first, with the levers
       raise ValueError(f"{describe_batch(config)} does not divide over mesh_data={mesh.shape['data']}")
-    local = config.train_batch_size // processes
-    self.sets = {"instance": instance or load_instance_images(config)}
+    self.sets, self.iterators, self.concept_names = host_data(config, workdir, instance, index, processes,
+                                                              with_pixels=not caches_latents(config))
     self.buckets = used_buckets(config, self.sets["instance"])
     self.bucketed = self.sets["instance"].buckets is not None
     self.bucket = self.buckets[0]  # the bucket of the last batch (next_batch sets it)
-    if uses_base_output(config):  # drawn on their own: another order than the instance examples'
-      photos = self.sets["instance"]
-      self.sets["class"] = dataclasses.replace(photos, captions=[config.class_prompt] * len(photos.paths))
-    elif self.with_prior:
-      class_dir = pathlib.Path(config.class_data_dir or workdir / "class_images")
-      self.sets["class"] = _load_images("class_data_dir", class_dir, config.resolution, config.class_prompt,
-                                        config.on_bad_image, self.buckets if self.bucketed else None)
-    settings = dict(center_crop=config.center_crop, random_flip=config.random_flip, process_index=index,
-                    process_count=processes, with_pixels=not caches_latents(config))
-    if self.bucketed:
-      accum = config.gradient_accumulation_steps
-      self.iterators = {"instance": buckets_lib.BucketIterator(self.sets["instance"], local, accum, seed=config.seed,
-                                                               **settings)}
-      if self.with_prior:
-        missing = sorted(set(self.buckets) - set(self.sets["class"].buckets))
-        if missing:
-          raise ValueError(f"class_data_dir={class_dir}: no class image in bucket(s) "
-                           f"{[buckets_lib.name(b) for b in missing]}; add some or let the run generate them")
-        self.iterators["class"] = buckets_lib.ClassBucketIterator(self.sets["class"], local, accum,
-                                                                  seed=config.seed + 1, **settings)
-    else:
-      self.iterators = {name: data_lib.SubjectIterator(images, local, seed=config.seed + k, **settings)
-                        for k, (name, images) in enumerate(self.sets.items())}
     logging.info("training on %s", {k: len(v.paths) for k, v in self.sets.items()})
     if self.bucketed:
       counts = {buckets_lib.name(b): sum(1 for x in self.sets["instance"].buckets if x == b) for b in self.buckets}
@@ -238,6 +293,8 @@ class TrainData:
     trained at (SDXL's target-size conditioning)."""
     part = {"prior": np.full(len(example["index_B"]), name == "class", np.float32),
             "slot": example["slot_B"] + offset}
+    if self.concept_names:
+      part["concept"] = example["concept_B"]
     if self.latents is not None:
       table = self.latents[name]
       rows = list(zip(example["index_B"], example["flip_B"].astype(np.int32)))
@@ -271,13 +328,16 @@ class TrainData:
     """`count` examples of set `name` (all of it, or a seeded choice), centre-cropped, not flipped, whatever the
     training's crop and flip settings, with slots first_slot, first_slot + 1, ...: the validation loss's. Square
     runs only (buckets.check_settings refuses validation_loss with buckets)."""
-    it = data_lib.SubjectIterator(self.sets[name], count, seed=self.config.seed, center_crop=True,
+    once = dataclasses.replace(self.sets[name], repeats=None)  # each image once, whatever its num_repeats
+    it = data_lib.SubjectIterator(once, count, seed=self.config.seed, center_crop=True,
                                   random_flip=False, process_index=0, process_count=1,
                                   with_pixels=self.latents is None)
     return self._part(name, next(it), first_slot, (self.config.resolution, self.config.resolution))
 
   def _step_examples(self) -> list[dict]:
     """Per micro-batch, {set name: this process's examples}: each step's examples share one bucket."""
+    if self.concept_names:
+      return [paired_examples(self.iterators) for _ in range(self.config.gradient_accumulation_steps)]
     if not self.bucketed:
       return [{name: next(it) for name, it in self.iterators.items()}
               for _ in range(self.config.gradient_accumulation_steps)]

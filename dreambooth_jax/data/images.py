@@ -200,6 +200,8 @@ class SubjectImages:
   files: bool = True  # paths are the image files; False: names of dataset rows (data/hf_datasets.py), no files
   # with masked loss: each image's loss mask, uint8 HW resized as its image (None: all ones); None when off
   masks: list[np.ndarray | None] | None = None
+  concepts: list[int] | None = None  # each image's concept (config.concepts index); None = one subject
+  repeats: list[int] | None = None  # each image's appearances per epoch (its concept's num_repeats); None = once
 
   def references(self) -> list:
     """The photos evaluation compares generated images with (evaluate.embed_images): the files, or for dataset
@@ -212,9 +214,10 @@ class SubjectImages:
 
 
 def load_subject_images(folder, resolution: int, default_caption: str, on_bad_image: str = "error",
-                        buckets=None, masks: bool = False) -> SubjectImages:
+                        buckets=None, masks: bool = False, caption_extension: str = "") -> SubjectImages:
   """buckets: (H, W) sizes to choose from (buckets.select_bucket) instead of the square resolution; masks: read
-  each image's loss mask (open_image_and_mask)."""
+  each image's loss mask (open_image_and_mask). caption_extension: e.g. ".txt": NAME.txt beside NAME.jpg is that
+  image's caption (kohya's caption files, read_caption_files); "" = none."""
   folder = pathlib.Path(folder)
   check_on_bad_image(on_bad_image)
   if not folder.is_dir():
@@ -246,6 +249,13 @@ def load_subject_images(folder, resolution: int, default_caption: str, on_bad_im
   if not paths:
     raise BadImagesError(f"{folder}: no usable images (looked for {', '.join(IMAGE_EXTENSIONS)})")
   captions = read_captions(folder, {p.name for p in paths})
+  if caption_extension:
+    files = read_caption_files(folder, [p.name for p in paths], caption_extension)
+    both = sorted(set(files) & set(captions))
+    if both:  # one home per caption
+      raise ValueError(f"{folder / both[0]}: captioned both in {METADATA} and in its {caption_extension} file; "
+                       "keep one")
+    captions.update(files)
   return SubjectImages(paths=paths, captions=[captions.get(p.name, default_caption) for p in paths],
                        images=images, resolution=resolution, original_sizes=sizes, buckets=chosen or None,
                        masks=loaded_masks if masks else None)
@@ -316,6 +326,8 @@ def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels:
       # depend on how the batch is laid out over processes and devices
       "slot_B": slots_B,
   }
+  if images.concepts is not None:
+    batch["concept_B"] = np.array([images.concepts[r[0]] for r in rows], np.int32)
   if with_pixels:  # off when the trainer reads cached latents (and masks) by (index, flip) instead
     batch["pixels_BHWC"] = np.stack([to_pixels(r[2]) for r in rows])
     if images.masks is not None:
@@ -326,9 +338,10 @@ def rows_to_batch(images: SubjectImages, rows, slots_B: np.ndarray, with_pixels:
 class SubjectIterator:
   """Infinite, deterministic batches of one process's slice of the global batch.
 
-  The example sequence is the concatenation of per-epoch permutations drawn from (seed, epoch); the global batch
-  of a step is the next `batch_size_per_process * process_count` examples, of which this process takes its own
-  contiguous slice.
+  The example sequence is the concatenation of per-epoch permutations drawn from (seed, epoch) of the images, each
+  images.repeats[i] times (kohya's num_repeats; once when None); the global batch of a step is the next
+  `batch_size_per_process * process_count` examples, of which this process takes its own contiguous slice.
+  global_concepts: the concepts of the last global batch's examples (with images.concepts).
   """
 
   def __init__(self, images: SubjectImages, batch_size_per_process: int, *, seed: int, center_crop: bool = True,
@@ -339,26 +352,33 @@ class SubjectIterator:
     self.process_index = jax.process_index() if process_index is None else process_index
     self.process_count = jax.process_count() if process_count is None else process_count
     self.epoch, self.position = 0, 0
+    # each image once per epoch, or repeats[i] times: the permutation of arange(n) is today's single-subject order
+    self.sequence = np.repeat(np.arange(len(images.paths)), images.repeats or 1)
+    self.global_concepts = []
+
+  def _index(self, epoch: int, position: int) -> int:
+    return int(self.sequence[np.random.default_rng((self.seed, epoch)).permutation(len(self.sequence))[position]])
 
   def _example(self, epoch: int, position: int):
-    n = len(self.images.paths)
-    index = int(np.random.default_rng((self.seed, epoch)).permutation(n)[position])
+    index = self._index(epoch, position)
     rng = np.random.default_rng((self.seed, epoch, position, 1))
     return index, *make_example(self.images, index, rng, self.center_crop, self.random_flip)
 
   def _advance(self):
     self.position += 1
-    if self.position == len(self.images.paths):
+    if self.position == len(self.sequence):
       self.epoch, self.position = self.epoch + 1, 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
-    rows = []
+    rows, self.global_concepts = [], []
     for k in range(self.local * self.process_count):
       if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
         rows.append(self._example(self.epoch, self.position))
+      if self.images.concepts is not None:  # the class side pairs by them (data/concepts.py)
+        self.global_concepts.append(self.images.concepts[self._index(self.epoch, self.position)])
       self._advance()
     slots = np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32)
     return rows_to_batch(self.images, rows, slots, self.with_pixels)

@@ -9,6 +9,7 @@ schema knows is mapped, accepted at a value that behaves as kohya's, or refused 
 with the nearest known one.
 """
 
+import dataclasses
 import difflib
 import json
 import logging
@@ -349,7 +350,7 @@ def apply_dataset_config(config) -> None:
   if not config.dataset_config:
     return
   settings, concepts = read_dataset_config(config.dataset_config)
-  if config.concepts and list(config.concepts) != concepts:
+  if config.concepts and _completed(config, config.concepts) != _completed(config, concepts):
     raise ValueError(f"dataset_config={config.dataset_config} and concepts are both set: the TOML's subsets are the "
                      "concepts; set one of them")
   for key, value in settings.items():
@@ -361,3 +362,11 @@ def apply_dataset_config(config) -> None:
     config[key] = value
   config.concepts = concepts
   logging.info("dataset_config: %d concept(s): %s", len(concepts), ", ".join(c["name"] for c in concepts))
+
+
+def _completed(config, entries) -> list:
+  """The entries with their defaults filled in (data/concepts.py), to compare a run's saved entries with a TOML's."""
+  from dreambooth_jax.data import concepts as concepts_lib  # noqa: PLC0415 (concepts reads images; this module not)
+  probe = config.copy_and_resolve_references()
+  probe.concepts = list(entries)
+  return [dataclasses.asdict(c) for c in concepts_lib.resolve(probe)]

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from dreambooth_jax import config_files, distributed, sharding, xla_cache
-from dreambooth_jax.data import batches, buckets as buckets_lib, class_images
+from dreambooth_jax.data import batches, buckets as buckets_lib, class_images, concepts as concepts_lib
 from dreambooth_jax.families import Pipeline
 from dreambooth_jax.io import export
 from dreambooth_jax.sampling import sampler
@@ -46,10 +46,11 @@ def validation_size(config, data: batches.TrainData) -> tuple[int, int]:
   return max(data.buckets, key=lambda b: (data.sets["instance"].buckets.count(b), b[0] * b[1], b))
 
 
-def validation_images(pipe, graphdefs, params, frozen, config, mesh, size) -> np.ndarray:
+def validation_images(pipe, graphdefs, params, frozen, config, mesh, size, prompt=None) -> np.ndarray:
+  """num_validation_images of `prompt` (default: the top-level validation_prompt)."""
   view = run_state.trained_view(pipe, graphdefs, params, frozen)
-  return in_training_eval.sample(view, [config.validation_prompt] * config.num_validation_images, config, mesh,
-                                 size=size)
+  prompts = [prompt or config.validation_prompt] * config.num_validation_images
+  return in_training_eval.sample(view, prompts, config, mesh, size=size)
 
 
 class Preemption:
@@ -202,7 +203,12 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
                                        height=config.resolution, width=config.resolution,
                                        scheduler=config.sample_scheduler, karras=config.sample_karras,
                                        loop=config.sample_loop or None)
-    if instance.buckets:
+    concepts = concepts_lib.resolve(config)
+    if concepts:  # each concept's folder (WORKDIR/class_images/<name> by default), cached and resumable the same way
+      for folder, prompt, count, _ in concepts_lib.class_sets(config, concepts, workdir):
+        class_images.ensure_class_images(pipe, folder, prompt, count, seed=config.seed, settings=settings,
+                                         batch_size=config.sample_batch_size, mesh=mesh)
+    elif instance.buckets:
       class_images.ensure_bucketed_class_images(
           pipe, class_dir, config.class_prompt, config.num_class_images, instance_buckets=instance.buckets,
           seed=config.seed, settings=settings, batch_size=config.sample_batch_size, mesh=mesh)
@@ -243,6 +249,7 @@ def train(config, workdir: pathlib.Path) -> Job:
   workdir.mkdir(parents=True, exist_ok=True)
   run_state.resolve_defaults(config)
   buckets_lib.check_settings(config)  # refused by name before anything is written
+  concepts_lib.check_folders(concepts_lib.resolve(config))
   xla_cache.enable(config)
   write_config(config, workdir)
   primary = jax.process_index() == 0
@@ -262,6 +269,7 @@ def train(config, workdir: pathlib.Path) -> Job:
   if config.validation_loss and config.validation_steps:
     val_loss = val_loss_lib.ValidationLoss(config, data, pipe.family, graphdefs, step_lib.loss_settings(config),
                                            mesh)
+  concepts = concepts_lib.resolve(config)
   pending = None  # (step, device metrics, dispatch time, bucket) of the last dispatched step, read one step late
   images_per_step = data.global_batch_size * config.gradient_accumulation_steps
 
@@ -272,7 +280,7 @@ def train(config, workdir: pathlib.Path) -> Job:
     values["images_per_s"] = images_per_step / max(values["step_time"], 1e-9)
     if flops:
       values["flops_per_step"] = flops
-    values = writer.write(step_done, values, bucket=bucket)
+    values = writer.write(step_done, metrics_lib.concept_losses(values, data.concept_names), bucket=bucket)
     if not np.isfinite(values["loss"]):
       raise metrics_lib.NonFiniteLoss(
           f"non-finite loss ({values['loss']}) at step {step_done}; stopping. The last good checkpoint is step "
@@ -309,14 +317,18 @@ def train(config, workdir: pathlib.Path) -> Job:
           flush(pending)
           pending = None
         writer.record(done, val_loss(run_state.used_params(state), job.frozen))
-      if validate and config.validation_prompt:
+      # the top-level prompt's grid step_NNNNNN.png, and one step_NNNNNN_<name>.png per concept with its own
+      grids = {"": config.validation_prompt} | {f"_{c.name}": c.validation_prompt for c in concepts}
+      for suffix, prompt in grids.items():
+        if not (validate and prompt):
+          continue
         grid = metrics_lib.image_grid(validation_images(pipe, graphdefs, run_state.used_params(state), job.frozen,
-                                                        config, mesh, validation_size(config, data)))
+                                                        config, mesh, validation_size(config, data), prompt))
         if primary:
           (workdir / "validation").mkdir(exist_ok=True)
           from PIL import Image  # noqa: PLC0415
-          Image.fromarray(grid).save(workdir / "validation" / f"step_{done:06d}.png")
-          writer.image("validation", grid, done)
+          Image.fromarray(grid).save(workdir / "validation" / f"step_{done:06d}{suffix}.png")
+          writer.image("validation" + suffix.replace("_", "/", 1), grid, done)
       if preempted:
         logging.warning("preempted: checkpoint at step %d saved, exiting", done)
         writer.close()

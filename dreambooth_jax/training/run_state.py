@@ -45,7 +45,11 @@ def denoiser_kwargs(config) -> dict:
 def resolve_defaults(config):
   """Fills the settings whose default is the model's own, in place, before anything uses them (the saved config
   holds the resolved values): resolution = 0 -> the family's default resolution for this model (SD 1.5 512,
-  SD 2.1 768, SDXL 1024)."""
+  SD 2.1 768, SDXL 1024); a kohya dataset_config's concepts and settings applied (data/kohya_toml.py);
+  config.concepts checked and each entry completed with its defaults."""
+  from dreambooth_jax.data import concepts, kohya_toml  # noqa: PLC0415
+  kohya_toml.apply_dataset_config(config)
+  concepts.resolve_into(config)
   if config.resolution > 0:
     return config
   from dreambooth_jax import families  # noqa: PLC0415

@@ -4,7 +4,9 @@ loss = mean over instance examples of ||eps_hat(z_t, c) - target||^2
      + prior_loss_weight * the same mean over class (prior-preservation) examples,
 the two kinds told apart by a per-example `prior` flag rather than by batch halves, so the loss is the same on any
 number of devices and any sharding of the batch. With prior_preservation="base_output" a class example's target is
-the frozen base model's prediction on the same noised latents and prompt, not the noise (or v).
+the frozen base model's prediction on the same noised latents and prompt, not the noise (or v). With several
+concepts (config.concepts) a class example's term is weighted by its concept's prior_loss_weight (a per-example
+`concept` index), and the step also returns per-concept sums and counts of the losses (CONCEPT_METRICS).
 """
 
 import dataclasses
@@ -15,12 +17,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from dreambooth_jax.data import concepts as concepts_lib
 from dreambooth_jax.models import lora as lora_lib
 from dreambooth_jax.training import optim
 from dreambooth_jax.sampling import flow_matching, schedules as schedule_lib
 
 ROUNDING_STREAM = 0x7FFFFFFF  # fold_in data of the bf16 rounding key (micro-batches take 0, 1, ... of the step key)
 PRIOR_PRESERVATIONS = ("class_images", "base_output")
+# per-concept (C,) metrics of a concepts run: loss sums and example counts, read as losses by metrics.concept_losses
+CONCEPT_METRICS = ("concept_instance_sum", "concept_instance_count", "concept_prior_sum", "concept_prior_count")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +41,8 @@ class LossSettings:
   logit_std: float = 1.0
   mode_scale: float = 1.29
   guidance_scale: float = 3.5
+  # config.concepts: each concept's prior_loss_weight (static), indexed by the batch's `concept`; () = one subject
+  concept_prior_weights: tuple[float, ...] = ()
 
   def __post_init__(self):  # refused at set-up, by name, not at the first traced step
     if self.snr_weighting not in schedule_lib.SNR_WEIGHTINGS:
@@ -48,9 +55,12 @@ class LossSettings:
 def loss_settings(config) -> LossSettings:
   """The config's loss keys (the flow-matching ones, which Flux reads, by LossSettings' names)."""
   flow_keys = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale")
-  return LossSettings(prior_loss_weight=config.prior_loss_weight if config.with_prior_preservation else 0.0,
+  prior = bool(config.with_prior_preservation)
+  concept_weights = tuple(c.prior_loss_weight if prior else 0.0 for c in concepts_lib.resolve(config))
+  return LossSettings(prior_loss_weight=config.prior_loss_weight if prior else 0.0,
                       snr_gamma=config.snr_gamma, snr_weighting=config.snr_weighting, offset_noise=config.offset_noise,
-                      prior_preservation=config.prior_preservation, **{k: config[k] for k in flow_keys})
+                      prior_preservation=config.prior_preservation, concept_prior_weights=concept_weights,
+                      **{k: config[k] for k in flow_keys})
 
 
 def base_modules(graphdefs: dict, params: dict, frozen: dict, settings: LossSettings) -> dict | None:
@@ -143,12 +153,27 @@ def example_losses(family, modules: dict, schedule, micro: dict, rng, settings: 
   return mse_B if noised.weight_B is None else mse_B * noised.weight_B
 
 
-def combine_losses(mse_B, prior_B, prior_loss_weight: float):
+def combine_losses(mse_B, prior_B, prior_loss_weight: float, concept_B=None, concept_weights: tuple = ()):
+  """(loss, (instance_loss, prior_loss)); with concept_weights the prior term weights each class example by its
+  concept's weight (prior_loss stays the unweighted mean)."""
   prior_B = prior_B.astype(jnp.float32)
   instance_B = 1.0 - prior_B
   instance_loss = jnp.sum(mse_B * instance_B) / jnp.maximum(jnp.sum(instance_B), 1.0)
   prior_loss = jnp.sum(mse_B * prior_B) / jnp.maximum(jnp.sum(prior_B), 1.0)
-  return instance_loss + prior_loss_weight * prior_loss, (instance_loss, prior_loss)
+  if not concept_weights:
+    return instance_loss + prior_loss_weight * prior_loss, (instance_loss, prior_loss)
+  weight_B = jnp.asarray(concept_weights, jnp.float32)[concept_B]
+  prior_term = jnp.sum(mse_B * prior_B * weight_B) / jnp.maximum(jnp.sum(prior_B), 1.0)
+  return instance_loss + prior_term, (instance_loss, prior_loss)
+
+
+def concept_sums(mse_B, prior_B, concept_B, count: int) -> dict:
+  """CONCEPT_METRICS: per concept (C,), the sum of its instance (prior) examples' losses and their number."""
+  onehot_BC = jax.nn.one_hot(concept_B, count, dtype=jnp.float32)
+  prior_B = prior_B.astype(jnp.float32)
+  instance_B = 1.0 - prior_B
+  return {"concept_instance_sum": (mse_B * instance_B) @ onehot_BC, "concept_instance_count": instance_B @ onehot_BC,
+          "concept_prior_sum": (mse_B * prior_B) @ onehot_BC, "concept_prior_count": prior_B @ onehot_BC}
 
 
 ACCUMULATIONS = ("scan", "unrolled")
@@ -190,8 +215,13 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
       lora_lib.set_dropout_key(module, jax.random.fold_in(micro_rng, 1))
     base = base_modules(graphdefs, params, frozen, settings)
     mse_B = example_losses(family, modules, frozen["schedule"], micro, example_rng, settings, base)
-    loss, (instance_loss, prior_loss) = combine_losses(mse_B, micro["prior"], settings.prior_loss_weight)
-    return loss, {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+    concepts = len(settings.concept_prior_weights)
+    loss, (instance_loss, prior_loss) = combine_losses(mse_B, micro["prior"], settings.prior_loss_weight,
+                                                       micro.get("concept"), settings.concept_prior_weights)
+    metrics = {"loss": loss, "instance_loss": instance_loss, "prior_loss": prior_loss}
+    if concepts:
+      metrics.update(concept_sums(jax.lax.stop_gradient(mse_B), micro["prior"], micro["concept"], concepts))
+    return loss, metrics
 
   grad_fn = jax.grad(loss_fn, has_aux=True)
 
@@ -214,6 +244,9 @@ def make_train_step(family, graphdefs: dict, tx: optax.GradientTransformation, s
     else:
       zeros = jax.tree.map(jnp.zeros_like, params)
       metric_zeros = {k: jnp.zeros((), jnp.float32) for k in ("loss", "instance_loss", "prior_loss")}
+      if settings.concept_prior_weights:  # sums and counts both averaged: their ratio is unchanged
+        metric_zeros.update({k: jnp.zeros((len(settings.concept_prior_weights),), jnp.float32)
+                             for k in CONCEPT_METRICS})
       if accumulation == "scan":
         (grads, metrics), _ = jax.lax.scan(micro_step, (zeros, metric_zeros), (jnp.arange(accum), batch))
       else:  # "unrolled": every micro-batch traced (no loop in the program; compile time grows with accum)
