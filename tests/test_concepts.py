@@ -34,12 +34,37 @@ def write_images(folder: pathlib.Path, count: int, seed: int, size: int = 40, ca
 
 
 def two_subjects(tmp_path: pathlib.Path, **dog_extra) -> list[dict]:
-  """The bundled dog (5 photos) and 3 written "toy" images captioned by .txt files."""
-  toy = write_images(tmp_path / "toy", 3, seed=1, captions="a photo of zwx toy")
-  return [{"name": "dog", "instance_data_dir": str(DOG), "instance_prompt": "a photo of sks dog",
-           "class_prompt": "a photo of dog", "validation_prompt": "a photo of sks dog on grass", **dog_extra},
-          {"name": "zwx toy", "instance_data_dir": str(toy), "caption_extension": ".txt",
-           "class_prompt": "a photo of toy", "num_repeats": 2, "prior_loss_weight": 0.5}]
+  """The bundled dog (5 photos) and 3 written "toy" images captioned by .txt files, prompted as kohya users do
+  (class_tokens "sks dog", reg "dog"), so that kohya_toml() below is the same run."""
+  toy = write_images(tmp_path / "zwx toy", 3, seed=1, captions="a photo of zwx toy")
+  return [{"name": "dog", "instance_data_dir": str(DOG), "instance_prompt": "sks dog", "class_prompt": "dog",
+           "validation_prompt": "a photo of sks dog on grass", **dog_extra},
+          {"name": "zwx toy", "instance_data_dir": str(toy), "instance_prompt": "zwx toy", "caption_extension": ".txt",
+           "class_prompt": "toy", "num_repeats": 2}]
+
+
+def kohya_toml(tmp_path: pathlib.Path, class_images: pathlib.Path) -> pathlib.Path:
+  """two_subjects() as a kohya dataset TOML whose reg subsets are the class images in class_images/<name>."""
+  path = tmp_path / "two.toml"
+  path.write_text(f"""[[datasets]]
+[[datasets.subsets]]
+image_dir = "{DOG}"
+class_tokens = "sks dog"
+[[datasets.subsets]]
+image_dir = "{tmp_path / 'zwx toy'}"
+class_tokens = "zwx toy"
+caption_extension = ".txt"
+num_repeats = 2
+[[datasets.subsets]]
+image_dir = "{class_images / 'dog'}"
+class_tokens = "dog"
+is_reg = true
+[[datasets.subsets]]
+image_dir = "{class_images / 'zwx toy'}"
+class_tokens = "toy"
+is_reg = true
+""")
+  return path
 
 
 def test_example_sequence_follows_num_repeats_and_pairs_class_examples(tmp_path):
@@ -61,10 +86,10 @@ def test_example_sequence_follows_num_repeats_and_pairs_class_examples(tmp_path)
     assert [e["concept"] for e in kinds[0]] == [e["concept"] for e in kinds[1]]
     for e in kinds[1]:
       assert pathlib.Path(e["path"]).parent.name == e["concept"]
-      assert e["caption"] == {"dog": "a photo of dog", "zwx toy": "a photo of toy"}[e["concept"]]
+      assert e["caption"] == {"dog": "dog", "zwx toy": "toy"}[e["concept"]]
   captions = {e["path"]: e["caption"] for e in instance}
-  assert captions[str(tmp_path / "toy" / "01.png")] == "a photo of zwx toy 1"
-  assert captions[str(DOG / "00.jpg")] == "a photo of sks dog"
+  assert captions[str(tmp_path / "zwx toy" / "01.png")] == "a photo of zwx toy 1"
+  assert captions[str(DOG / "00.jpg")] == "sks dog"
   assert batches.example_sequence(config, 19, tmp_path / "work") == steps  # deterministic from the seed
 
   # resumable: iterators restored from a state continue exactly
@@ -135,17 +160,19 @@ def test_per_concept_prior_weights_and_sums():
   assert values["instance_loss/a"] is None and values["instance_loss/b"] == 2.5 and values["prior_loss/b"] == 5.5
 
 
-def concepts_config_file(tmp_path: pathlib.Path) -> pathlib.Path:
-  """A config file (config.concepts cannot be given on the command line) over configs/tiny.py with FAST's settings."""
+def concepts_config_file(tmp_path: pathlib.Path, toml: pathlib.Path | None = None) -> pathlib.Path:
+  """A config file (config.concepts cannot be given on the command line) over configs/tiny.py with FAST's settings:
+  two_subjects(), or with `toml` the same subjects from that kohya dataset TOML."""
   entries = two_subjects(tmp_path)
   lines = [f"  c.{k} = type(c.{k})({v!r}) if not isinstance(c.{k}, bool) else {v!r} == 'True'"
            for k, v in (item.split("=", 1) for item in (*FAST, "max_train_steps=8", "validation_steps=8",
                                                         "num_class_images=2", "validation_loss=True",
                                                         "export_at_end=False"))]
-  path = tmp_path / "two.py"
+  path = tmp_path / ("two_toml.py" if toml else "two.py")
+  subjects = f"c.dataset_config = {str(toml)!r}" if toml else f"c.concepts = {entries!r}"
   path.write_text("from dreambooth_jax.config_files import load\n"
                   f"def get_config(arg=None):\n  c = load({str(ROOT / 'configs' / 'tiny.py')!r})\n"
-                  + "\n".join(lines) + f"\n  c.concepts = {entries!r}\n  return c\n")
+                  + "\n".join(lines) + f"\n  {subjects}\n  return c\n")
   return path
 
 
@@ -179,15 +206,36 @@ def test_two_subjects_log_per_concept_losses(concepts_run):
   assert (workdir / "validation" / "step_000008_dog.png").is_file()
   assert not (workdir / "validation" / "step_000008_zwx toy.png").exists()  # no validation_prompt of its own
   saved = json.loads((workdir / "config.json").read_text())  # the resolved entries, defaults filled
-  assert saved["concepts"][0]["num_repeats"] == 1 and saved["concepts"][1]["prior_loss_weight"] == 0.5
+  assert saved["concepts"][0]["num_repeats"] == 1 and saved["concepts"][1]["num_repeats"] == 2
   assert saved["concepts"][0]["num_class_images"] == 2 and set(saved["concepts"][1]) == set(concepts_lib.ENTRY_DEFAULTS)
   from dreambooth_jax.training import run_state
   resolved = concepts_lib.resolve(config_files.load(config_file))
   assert concepts_lib.resolve(run_state.read_run_config(workdir)) == resolved
 
 
-def test_kill_9_then_rerun_gives_identical_per_concept_losses(concepts_run, tmp_path):
+def test_kohya_toml_gives_the_same_batches_as_its_concepts(tmp_path):
+  """The golden check of issue #13: a kohya dataset TOML and the equivalent config.concepts draw the same examples
+  (concept, image, caption, flip; class examples from the same class images), step by step."""
+  entries = two_subjects(tmp_path)
+  for name, seed in (("dog", 2), ("zwx toy", 3)):
+    write_images(tmp_path / "classes" / name, 2, seed=seed)
+  concepts = fast_config("train_batch_size=2", "random_flip=True")
+  concepts.concepts = [{**e, "class_data_dir": str(tmp_path / "classes" / e["name"]), "num_class_images": 2}
+                       for e in entries]
+  toml = fast_config("train_batch_size=2", "random_flip=True")
+  toml.dataset_config = str(kohya_toml(tmp_path, tmp_path / "classes"))
+  steps = batches.example_sequence(concepts, 12, tmp_path / "a")
+  assert batches.example_sequence(toml, 12, tmp_path / "b") == steps
+  assert {e["concept"] for step in steps for e in step} == {"dog", "zwx toy"}
+  assert [c["name"] for c in toml.concepts] == ["dog", "zwx toy"]  # applied in place: the saved config has them
+
+
+def test_kill_9_then_rerun_from_the_kohya_toml_gives_identical_per_concept_losses(concepts_run, tmp_path):
+  """kill -9 mid-run, rerun: the losses (and each concept's) equal the uninterrupted run's, exactly. The killed run
+  reads its subjects from the kohya TOML equivalent to the reference's config.concepts (its reg subsets are the
+  class images the reference generated): a TOML run is the same run."""
   config_file, reference = concepts_run
+  config_file = concepts_config_file(reference.parent, toml=kohya_toml(reference.parent, reference / "class_images"))
   workdir = tmp_path / "run"
   command = [sys.executable, "-m", "dreambooth_jax.train", f"--config={config_file}", f"--workdir={workdir}",
              "--config.checkpointing_steps=1", "--config.validation_steps=0"]
@@ -222,11 +270,11 @@ def test_unusable_folder_is_named_by_its_entry(tmp_path):
 def test_base_output_pairs_each_concept_with_its_own_photos(tmp_path):
   config = fast_config("prior_preservation=base_output", "train_batch_size=4")
   config.concepts = two_subjects(tmp_path)
-  folders = {"dog": str(DOG), "zwx toy": str(tmp_path / "toy")}
+  folders = {"dog": str(DOG), "zwx toy": str(tmp_path / "zwx toy")}
   for step in batches.example_sequence(config, 5, tmp_path / "work"):
     for e in (e for e in step if e["prior"]):
       assert str(pathlib.Path(e["path"]).parent) == folders[e["concept"]]
-      assert e["caption"] == {"dog": "a photo of dog", "zwx toy": "a photo of toy"}[e["concept"]]
+      assert e["caption"] == {"dog": "dog", "zwx toy": "toy"}[e["concept"]]
   assert not (tmp_path / "work" / "class_images").exists()
 
 

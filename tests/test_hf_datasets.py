@@ -177,3 +177,21 @@ def test_training_on_a_saved_dataset_uses_its_captions(tmp_path):
     for context in np.asarray(batch["context"]).reshape(-1, *table.shape[1:])[instance]:
       seen.update(c for c in CAPTIONS.values() if np.array_equal(context, table[job.data.caption_rows[c]]))
   assert len(seen) >= 2, seen
+
+
+def test_a_concept_can_be_a_saved_dataset(tmp_path):
+  """config.concepts with one concept from a folder (the bundled dog) and one from a save_to_disk dataset with
+  per-image captions: the dataset's rows and captions are that concept's examples."""
+  from test_concepts import DOG
+  saved, _ = saved_dataset(tmp_path)
+  config = fast_config("with_prior_preservation=False", "train_batch_size=2")
+  config.concepts = [{"name": "dog", "instance_data_dir": str(DOG), "instance_prompt": "sks dog"},
+                     {"name": "photos", "dataset_name": str(saved), "caption_column": "text"}]
+  steps = batches.example_sequence(config, 8, tmp_path / "work")  # 8 x 2 = 2 epochs of 5 + 3 examples
+  examples = [e for step in steps for e in step]
+  rows = {e["path"]: e["caption"] for e in examples if e["concept"] == "photos"}
+  assert rows == {f"{saved}[train][{i}]": CAPTIONS[n] for i, n in enumerate(SIZES)}
+  assert sum(e["concept"] == "dog" for e in examples) == 10
+  config.concepts[1]["caption_extension"] = ".txt"
+  with pytest.raises(ValueError, match=r"concepts\[1\] \(photos\): caption_extension='.txt' with dataset_name"):
+    batches.example_sequence(config, 1, tmp_path / "work")
