@@ -289,3 +289,81 @@ def test_cli_refuses_a_bad_entry_in_one_line(tmp_path):
   assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last == "train: error: concepts[1] (cat): instance_data_dir=/no/such/cats: image folder missing", last
+
+
+def test_concepts_in_aspect_ratio_buckets(tmp_path):
+  """Concepts with enable_bucket (a kohya TOML's usual setting): every step's examples share one bucket; each class
+  example is of its instance example's concept and bucket; num_repeats counts per epoch; a concept without class
+  images in one of its buckets is named; the iterators resume exactly."""
+  from test_buckets import BUCKETED
+  wide, tall = tmp_path / "wide", tmp_path / "tall"
+  for folder, (h, w), seed in ((wide, (32, 64), 1), (tall, (64, 32), 2)):
+    write_images(folder, 2, seed=seed)  # 40 x 40: the square bucket
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(folder / f"r{i}.png")
+  config = fast_config(*BUCKETED, "train_batch_size=2", "gradient_accumulation_steps=2")
+  config.concepts = [{"name": "wide", "instance_data_dir": str(wide), "class_prompt": "a wide thing",
+                      "num_repeats": 2},
+                     {"name": "tall", "instance_data_dir": str(tall), "class_prompt": "a tall thing"}]
+  work = tmp_path / "work"
+  for name, shapes in (("wide", [(32, 32), (32, 64)]), ("tall", [(32, 32), (64, 32)])):
+    for k, (h, w) in enumerate(shapes):  # one class image per bucket the concept has photos in
+      folder = work / "class_images" / name
+      folder.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(np.full((h, w, 3), 40 * k, np.uint8)).save(folder / f"c{k}.png")
+  sets, _, _ = batches.host_data(config, work)
+  bucket_of = {str(p): b for p, b in zip(sets["instance"].paths, sets["instance"].buckets)}
+  bucket_of.update({str(p): b for p, b in zip(sets["class"].paths, sets["class"].buckets)})
+  steps = batches.example_sequence(config, 12, work)
+  for step in steps:
+    assert len({bucket_of[e["path"]] for e in step}) == 1, step  # one bucket per step, class examples included
+    instance, paired = [e for e in step if not e["prior"]], [e for e in step if e["prior"]]
+    assert [e["concept"] for e in instance] == [e["concept"] for e in paired]
+    assert all(pathlib.Path(e["path"]).parent.name == e["concept"] for e in paired)
+  counts = collections.Counter(e["path"] for step in steps for e in step if not e["prior"])
+  assert counts[str(wide / "00.png")] > counts[str(tall / "00.png")]  # num_repeats 2 against 1
+  assert batches.example_sequence(config, 12, work) == steps  # deterministic
+  sets, iterators, names = batches.host_data(config, work)
+  for _ in range(3):
+    batches.bucketed_step(iterators, True, 2)
+  state = {name: json.loads(json.dumps(it.get_state())) for name, it in iterators.items()}
+  _, fresh, _ = batches.host_data(config, work, instance=sets["instance"])
+  for name, it in fresh.items():
+    it.set_state(state[name])
+  for _ in range(4):
+    (bucket_a, a), (bucket_b, b) = batches.bucketed_step(iterators, True, 2), batches.bucketed_step(fresh, True, 2)
+    assert bucket_a == bucket_b
+    for kind in a:
+      assert a[kind]["index_B"].tolist() == b[kind]["index_B"].tolist()
+  (work / "class_images" / "tall" / "c1.png").unlink()  # no class image in the bucket of tall's tall photos now
+  with pytest.raises(ValueError, match=r"concept 'tall': no class image in bucket \d+x\d+ \(HxW\)"):
+    batches.example_sequence(config, 12, work)
+
+
+@pytest.mark.slow  # about 3 minutes on 2 cores: class images sampled per concept and bucket, a compile per bucket
+def test_concepts_with_buckets_generate_class_images_per_concept_and_bucket(tmp_path):
+  """Two concepts in aspect-ratio buckets with generated class images: each concept's class images are generated at
+  every bucket its photos are in, the run trains, and every step record carries its bucket and both concepts'
+  losses."""
+  from test_buckets import BUCKETED
+  from dreambooth_jax.training import run
+  shapes = {"wide": ((16, 64), 1), "square": ((40, 40), 2)}  # buckets 16 x 64 and 32 x 32 (HxW)
+  for name, ((h, w), seed) in shapes.items():
+    folder = tmp_path / name
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    for i in range(2):
+      Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(folder / f"{i}.png")
+  config = fast_config(*BUCKETED, "max_train_steps=4", "checkpointing_steps=4", "validation_steps=0",
+                       "export_at_end=False")
+  config.concepts = [{"name": name, "instance_data_dir": str(tmp_path / name), "instance_prompt": f"sks {name}",
+                      "class_prompt": name, "num_class_images": 2} for name in shapes]
+  workdir = tmp_path / "run"
+  run.train(config, workdir)
+  sizes = {name: {Image.open(p).size for p in (workdir / "class_images" / name).glob("class_*.png")}
+           for name in shapes}
+  assert len(sizes["wide"]) == 1 and len(sizes["square"]) == 1 and sizes["wide"] != sizes["square"], sizes
+  records = [r for r in step_records(workdir) if "loss" in r]
+  assert [r["step"] for r in records] == [1, 2, 3, 4] and all("bucket" in r for r in records)
+  assert all(f"instance_loss/{n}" in r and f"prior_loss/{n}" in r for r in records for n in shapes)

@@ -172,14 +172,19 @@ def host_data(config, workdir, instance=None, process_index: int = 0, process_co
   settings = dict(center_crop=config.center_crop, random_flip=config.random_flip, process_index=process_index,
                   process_count=process_count, with_pixels=with_pixels)
   concepts = concepts_lib.resolve(config)
-  if concepts:  # class examples paired per concept (data/concepts.py)
-    iterators = {"instance": data_lib.SubjectIterator(sets["instance"], local, seed=config.seed, **settings)}
+  bucketed = sets["instance"].buckets is not None
+  if concepts:  # class examples paired per concept (data/concepts.py), and per bucket when bucketed
+    if bucketed:
+      iterators = {"instance": buckets_lib.BucketIterator(sets["instance"], local, config.gradient_accumulation_steps,
+                                                          seed=config.seed, **settings)}
+    else:
+      iterators = {"instance": data_lib.SubjectIterator(sets["instance"], local, seed=config.seed, **settings)}
     if config.with_prior_preservation:
-      sets["class"], groups = concepts_lib.load_class_images(config, concepts, workdir, sets["instance"])
+      sets["class"], groups = concepts_lib.load_class_images(
+          config, concepts, workdir, sets["instance"], used_buckets(config, sets["instance"]) if bucketed else None)
       iterators["class"] = concepts_lib.PairedClassIterator(sets["class"], groups, [c.name for c in concepts], local,
                                                             seed=config.seed + 1, **settings)
     return sets, iterators, [c.name for c in concepts]
-  bucketed = sets["instance"].buckets is not None
   if uses_base_output(config):  # drawn on their own: another order than the instance examples'
     photos = sets["instance"]
     sets["class"] = dataclasses.replace(photos, captions=[config.class_prompt] * len(photos.paths))
@@ -203,6 +208,17 @@ def host_data(config, workdir, instance=None, process_index: int = 0, process_co
   return sets, iterators, []
 
 
+def bucketed_step(iterators: dict, concepts: bool, micro_batches: int):
+  """(bucket, {"instance": rows, ["class": rows]}) of one bucketed step, all its micro-batches (micro-batch-major):
+  class examples of the step's bucket, and with concepts of each paired instance example's concept."""
+  bucket, instance = next(iterators["instance"])
+  step = {"instance": instance}
+  if "class" in iterators:
+    step["class"] = (iterators["class"].next_for_bucket(iterators["instance"].global_concepts, bucket, micro_batches)
+                     if concepts else iterators["class"].next_for(bucket))
+  return bucket, step
+
+
 def paired_examples(iterators: dict) -> dict:
   """One micro-batch of a concepts run: the instance examples, then each one's class example from its concept."""
   examples = {"instance": next(iterators["instance"])}
@@ -222,9 +238,7 @@ def example_sequence(config, steps: int, workdir) -> list[list[dict]]:
   out = []
   for _ in range(steps):
     if sets["instance"].buckets is not None:  # one draw holds the step's micro-batches
-      bucket, instance = next(iterators["instance"])
-      micro = [{"instance": instance, **({"class": iterators["class"].next_for(bucket)} if "class" in iterators
-                                          else {})}]
+      micro = [bucketed_step(iterators, bool(names), config.gradient_accumulation_steps)[1]]
     else:
       micro = [paired_examples(iterators) if names else {name: next(it) for name, it in iterators.items()}
                for _ in range(config.gradient_accumulation_steps)]
@@ -336,16 +350,13 @@ class TrainData:
 
   def _step_examples(self) -> list[dict]:
     """Per micro-batch, {set name: this process's examples}: each step's examples share one bucket."""
-    if self.concept_names:
-      return [paired_examples(self.iterators) for _ in range(self.config.gradient_accumulation_steps)]
+    accum = self.config.gradient_accumulation_steps
     if not self.bucketed:
-      return [{name: next(it) for name, it in self.iterators.items()}
-              for _ in range(self.config.gradient_accumulation_steps)]
-    self.bucket, instance = next(self.iterators["instance"])
-    step = {"instance": instance}
-    if self.with_prior:
-      step["class"] = self.iterators["class"].next_for(self.bucket)
-    local = len(instance["index_B"]) // self.config.gradient_accumulation_steps
+      if self.concept_names:
+        return [paired_examples(self.iterators) for _ in range(accum)]
+      return [{name: next(it) for name, it in self.iterators.items()} for _ in range(accum)]
+    self.bucket, step = bucketed_step(self.iterators, bool(self.concept_names), accum)
+    local = len(step["instance"]["index_B"]) // accum
     return [{name: {k: v[a * local:(a + 1) * local] for k, v in examples.items()} for name, examples in step.items()}
             for a in range(self.config.gradient_accumulation_steps)]
 

@@ -150,6 +150,8 @@ class BucketIterator(_Slicer):
       chunks = []
       for bucket in self.buckets:
         members = _members(self.images, bucket)
+        if self.images.repeats:  # kohya's num_repeats (config.concepts): each image that many times an epoch
+          members = np.repeat(members, [self.images.repeats[i] for i in members])
         members = members[np.random.default_rng((self.seed, epoch, *bucket)).permutation(len(members))]
         filled = np.resize(members, -(-len(members) // self.per_step) * self.per_step)  # repeats from the start
         chunks += [(bucket, filled[k:k + self.per_step]) for k in range(0, len(filled), self.per_step)]
@@ -163,6 +165,8 @@ class BucketIterator(_Slicer):
   def __next__(self):
     bucket, indices = self.epoch_plan(self.epoch)[self.step]
     batch = self._batch(indices, (self.seed, self.epoch, self.step))
+    if self.images.concepts is not None:  # the whole step's, micro-batch-major: what class examples pair with
+      self.global_concepts = [self.images.concepts[int(i)] for i in indices]
     self.step += 1
     if self.step == len(self.epoch_plan(self.epoch)):
       self.epoch, self.step = self.epoch + 1, 0

@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from dreambooth_jax.data import images as data_lib
+from dreambooth_jax.data import buckets as buckets_lib, images as data_lib
 
 # key -> its default when neither the entry nor the top level sets it; None = required
 ENTRY_DEFAULTS = {
@@ -84,9 +84,9 @@ def _check_type(where: str, key: str, value, kind):
     raise ValueError(f"{where}: {key}={value!r}: expected {'a number' if kind is float else kind.__name__}")
 
 
-def resolve(config) -> list[Concept]:
+def resolve(config, check: bool = True) -> list[Concept]:
   """config.concepts as Concepts (defaults filled, every entry checked), [] for the single-subject shorthand. Each
-  refusal names concepts[i], the concept and the key."""
+  refusal names concepts[i], the concept and the key. check: also refuse settings that do not go with concepts."""
   entries = list(config.get("concepts") or ())
   concepts = []
   for i, entry in enumerate(entries):
@@ -135,7 +135,7 @@ def resolve(config) -> list[Concept]:
     if name in names[:i]:
       raise ValueError(f"concepts[{i}] ({name}): name={name!r} is also concepts[{names.index(name)}]'s; names must "
                        "be unique (they key the metrics and class folders)")
-  if concepts:
+  if concepts and check:
     _check_combinations(config, concepts)
   return concepts
 
@@ -145,9 +145,6 @@ def _check_combinations(config, concepts: list[Concept]):
     if config.get(key):
       raise ValueError(f"{key}={config[key]!r} with concepts: each concept names its own ({key} in its entry); "
                        f"set the top-level {key} to ''")
-  if config.get("enable_bucket"):
-    raise ValueError("concepts with enable_bucket=True: not supported yet (the class examples are paired per concept, "
-                     "the bucketed iterators pair them per bucket); use square images or one concept")
   if config.get("eval_steps"):
     raise ValueError("concepts with eval_steps: the paper's metrics compare samples to one subject's photos; turn "
                      "eval_steps off (validation images and the validation loss work per run)")
@@ -193,18 +190,23 @@ def load_instance_images(config, concepts: list[Concept]) -> data_lib.SubjectIma
         parts.append(hf_datasets.load_dataset_images(
             concept.dataset_name, split=concept.dataset_split, image_column=concept.image_column,
             caption_column=concept.caption_column, resolution=config.resolution,
-            default_caption=concept.instance_prompt, on_bad_image=config.on_bad_image, masks=config.masked_loss))
+            default_caption=concept.instance_prompt, on_bad_image=config.on_bad_image, masks=config.masked_loss,
+            buckets=bucket_choices(config)))
       else:
         where = f"instance_data_dir={concept.instance_data_dir}"
         parts.append(data_lib.load_subject_images(concept.instance_data_dir, config.resolution,
                                                   concept.instance_prompt, on_bad_image=config.on_bad_image,
-                                                  masks=config.masked_loss,
+                                                  masks=config.masked_loss, buckets=bucket_choices(config),
                                                   caption_extension=concept.caption_extension))
     except (ValueError, FileNotFoundError) as e:
       raise _wrap(e, f"concepts[{i}] ({concept.name}): {where}") from None
   joined = join(parts)
   joined.repeats = [concepts[c].num_repeats for c in joined.concepts]
   return joined
+
+
+def bucket_choices(config) -> list[tuple[int, int]] | None:
+  return buckets_lib.bucket_set(config) if config.get("enable_bucket") else None
 
 
 def join(parts: list[data_lib.SubjectImages]) -> data_lib.SubjectImages:
@@ -214,6 +216,7 @@ def join(parts: list[data_lib.SubjectImages]) -> data_lib.SubjectImages:
       images=[x for s in parts for x in s.images], resolution=parts[0].resolution,
       original_sizes=[x for s in parts for x in s.original_sizes],
       concepts=[k for k, s in enumerate(parts) for _ in s.paths], files=all(s.files for s in parts),
+      buckets=None if any(s.buckets is None for s in parts) else [b for s in parts for b in s.buckets],
       masks=None if all(s.masks is None for s in parts) else
       [m for s in parts for m in (s.masks or [None] * len(s.paths))])
 
@@ -232,8 +235,8 @@ def class_sets(config, concepts: list[Concept], workdir) -> list[tuple[pathlib.P
   return list(sets.values())
 
 
-def load_class_images(config, concepts: list[Concept], workdir,
-                      instance: data_lib.SubjectImages) -> tuple[data_lib.SubjectImages, list[np.ndarray]]:
+def load_class_images(config, concepts: list[Concept], workdir, instance: data_lib.SubjectImages,
+                      buckets=None) -> tuple[data_lib.SubjectImages, list[np.ndarray]]:
   """(the class set, per concept the indices of its class images in it). With prior_preservation="base_output" a
   concept's class examples are its own photos with its class_prompt (the instance set's order: the same cached
   posteriors); else its class folder's images (each folder loaded once; `concepts` there = its first user)."""
@@ -245,7 +248,8 @@ def load_class_images(config, concepts: list[Concept], workdir,
   for folder, prompt, _, users in class_sets(config, concepts, workdir):
     i = users[0]
     try:
-      part = data_lib.load_subject_images(folder, config.resolution, prompt, on_bad_image=config.on_bad_image)
+      part = data_lib.load_subject_images(folder, config.resolution, prompt, on_bad_image=config.on_bad_image,
+                                          buckets=buckets)
     except (ValueError, FileNotFoundError) as e:
       raise _wrap(e, f"concepts[{i}] ({concepts[i].name}): class_data_dir={folder}") from None
     start = sum(len(p.paths) for p in parts)
@@ -272,6 +276,7 @@ class PairedClassIterator:
     self.center_crop, self.random_flip = center_crop, random_flip
     self.process_index, self.process_count = process_index, process_count
     self.positions = [(0, 0)] * len(groups)  # per concept: (epoch, position)
+    self.bucket_positions = {}  # with buckets: per "concept@HxW", (epoch, position)
 
   def _example(self, concept: int, epoch: int, position: int):
     group = self.groups[concept]
@@ -294,9 +299,45 @@ class PairedClassIterator:
     batch["concept_B"] = np.array(mine, np.int32)  # the paired instance example's (a shared folder has several)
     return batch
 
+  def next_for_bucket(self, global_concepts, bucket, micro_batches: int) -> dict:
+    """This process's class examples of a bucketed step (aspect-ratio buckets): the class example paired with an
+    instance example of concept c is the next of c's class images in the step's bucket (per (concept, bucket):
+    permutations drawn from (seed, c, bucket, epoch)). Rows micro-batch-major, as buckets.BucketIterator's."""
+    rows, mine, slots = [], [], []
+    global_batch = self.local * self.process_count
+    for a in range(micro_batches):
+      for k in range(global_batch):
+        concept = global_concepts[a * global_batch + k]
+        members = self._bucket_members(concept, bucket)
+        key = f"{self.names[concept]}@{buckets_lib.name(bucket)}"
+        epoch, position = self.bucket_positions.get(key, (0, 0))
+        if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
+          index = int(members[np.random.default_rng((self.seed, concept, *bucket, epoch)).permutation(
+              len(members))[position]])
+          rng = np.random.default_rng((self.seed, concept, *bucket, epoch, position, 1))
+          rows.append((index, *data_lib.make_example(self.images, index, rng, self.center_crop, self.random_flip)))
+          mine.append(concept)
+          slots.append(k)
+        position += 1
+        self.bucket_positions[key] = (epoch + 1, 0) if position == len(members) else (epoch, position)
+    batch = data_lib.rows_to_batch(self.images, rows, np.array(slots, np.int32), self.with_pixels)
+    batch["concept_B"] = np.array(mine, np.int32)
+    return batch
+
+  def _bucket_members(self, concept: int, bucket) -> np.ndarray:
+    group = self.groups[concept]
+    members = group[[tuple(self.images.buckets[i]) == tuple(bucket) for i in group]]
+    if not len(members):
+      raise ValueError(f"concept {self.names[concept]!r}: no class image in bucket {buckets_lib.name(bucket)} (HxW), "
+                       "where it has instance images; add some to its class_data_dir or let the run generate them")
+    return members
+
   def get_state(self) -> dict:
-    return {"seed": self.seed, "concepts": {n: {"epoch": e, "position": p}
-                                            for n, (e, p) in zip(self.names, self.positions)}}
+    state = {"seed": self.seed, "concepts": {n: {"epoch": e, "position": p}
+                                             for n, (e, p) in zip(self.names, self.positions)}}
+    if self.bucket_positions:
+      state["buckets"] = {k: {"epoch": e, "position": p} for k, (e, p) in sorted(self.bucket_positions.items())}
+    return state
 
   def set_state(self, state: dict):
     if state.get("seed", self.seed) != self.seed:
@@ -305,3 +346,4 @@ class PairedClassIterator:
     if sorted(saved) != sorted(self.names):
       raise ValueError(f"class iterator state is of concepts {sorted(saved)}, this run has {sorted(self.names)}")
     self.positions = [(int(saved[n]["epoch"]), int(saved[n]["position"])) for n in self.names]
+    self.bucket_positions = {k: (int(v["epoch"]), int(v["position"])) for k, v in state.get("buckets", {}).items()}

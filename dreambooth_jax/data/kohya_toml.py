@@ -369,4 +369,4 @@ def _completed(config, entries) -> list:
   from dreambooth_jax.data import concepts as concepts_lib  # noqa: PLC0415 (concepts reads images; this module not)
   probe = config.copy_and_resolve_references()
   probe.concepts = list(entries)
-  return [dataclasses.asdict(c) for c in concepts_lib.resolve(probe)]
+  return [dataclasses.asdict(c) for c in concepts_lib.resolve(probe, check=False)]

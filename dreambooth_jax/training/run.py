@@ -205,9 +205,15 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
                                        loop=config.sample_loop or None)
     concepts = concepts_lib.resolve(config)
     if concepts:  # each concept's folder (WORKDIR/class_images/<name> by default), cached and resumable the same way
-      for folder, prompt, count, _ in concepts_lib.class_sets(config, concepts, workdir):
-        class_images.ensure_class_images(pipe, folder, prompt, count, seed=config.seed, settings=settings,
-                                         batch_size=config.sample_batch_size, mesh=mesh)
+      for folder, prompt, count, users in concepts_lib.class_sets(config, concepts, workdir):
+        if instance.buckets:  # per bucket its users' instance images are in
+          users_buckets = [b for b, c in zip(instance.buckets, instance.concepts) if c in users]
+          class_images.ensure_bucketed_class_images(
+              pipe, folder, prompt, count, instance_buckets=users_buckets, seed=config.seed, settings=settings,
+              batch_size=config.sample_batch_size, mesh=mesh)
+        else:
+          class_images.ensure_class_images(pipe, folder, prompt, count, seed=config.seed, settings=settings,
+                                           batch_size=config.sample_batch_size, mesh=mesh)
     elif instance.buckets:
       class_images.ensure_bucketed_class_images(
           pipe, class_dir, config.class_prompt, config.num_class_images, instance_buckets=instance.buckets,
