@@ -74,9 +74,16 @@ def ours_train(args) -> dict:
   return train_step.ours(ns)
 
 
+def torch_threads(args):
+  if args.torch_threads:  # on a loaded machine torch's OpenMP threads wait on each other; 1 thread avoids that
+    import torch  # noqa: PLC0415
+    torch.set_num_threads(args.torch_threads)
+
+
 def torch_train(args) -> dict:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import train_step  # noqa: PLC0415
+  torch_threads(args)
   ns = argparse.Namespace(model=args.shape, resolution=args.resolution, batch=1, prior=True, steps=args.train_steps,
                           warmup=args.warmup, mixed_precision="no", remat=None)
   return train_step.torch_step(ns)
@@ -104,6 +111,7 @@ def torch_sample(args) -> dict:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import sample  # noqa: PLC0415
   from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
+  torch_threads(args)
   model_dir = pathlib.Path(tempfile.mkdtemp()) / args.shape
   weights.save_pipeline(weights.random_pipeline(SHAPES[args.shape]), model_dir)
   images_per_s, device = sample.torch_images_per_s(str(model_dir), ["a photo of sks dog"] * args.sample_batch,
@@ -125,7 +133,7 @@ def cell_command(args, flax_python, shape: str, impl: str, what: str) -> list[st
             f"--warmup={args.warmup}", f"--batch={args.sample_batch}", *common]
   return [sys.executable, __file__, f"--worker={impl}:{what}", f"--shapes={shape}", *common,
           f"--train_steps={args.train_steps}", f"--warmup={args.warmup}", f"--sample_batch={args.sample_batch}",
-          f"--sample_steps={args.sample_steps}"]
+          f"--sample_steps={args.sample_steps}", f"--torch_threads={args.torch_threads}"]
 
 
 def run_cell(args, flax_python, shape: str, impl: str, what: str) -> dict:
@@ -182,6 +190,7 @@ def main():
   p.add_argument("--sample_batch", type=int, default=4)
   p.add_argument("--sample_steps", type=int, default=20)
   p.add_argument("--repeats", type=int, default=2, help="timed sampler calls per cell")
+  p.add_argument("--torch_threads", type=int, default=0, help="torch.set_num_threads for its cells (0: torch's)")
   p.add_argument("--cell_timeout", type=int, default=900, help="seconds before a cell is reported as an error")
   p.add_argument("--flax_venv", type=pathlib.Path, default=FLAX_VENV, help="created on first use, then reused")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)  # impl:what, one cell in this process
