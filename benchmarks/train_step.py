@@ -30,6 +30,7 @@ MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-c
           "sd21": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd21"),
           "sdxl": str(ROOT / "dreambooth_jax" / "assets" / "sdxl-configs"),
           "diffusers-test": str(ROOT / "benchmarks" / "shapes" / "diffusers-test"),
+          "sd15-narrow": str(ROOT / "benchmarks" / "shapes" / "sd15-narrow"),
           "flux-tiny": str(ROOT / "benchmarks" / "shapes" / "flux-tiny"),
           "flux-dev": str(ROOT / "dreambooth_jax" / "assets" / "flux-configs" / "dev")}
 FLUX_MODELS = ("flux-tiny", "flux-dev")
@@ -115,6 +116,8 @@ def make_config(args):
   c.validation_steps = 0
   c.export_at_end = False
   c.mesh_data, c.mesh_fsdp = args.data, args.fsdp
+  if args.no_compile_cache:
+    c.compilation_cache_dir = ""
   if args.lora:
     c.lora.enabled = True
     c.lora.rank = args.lora
@@ -143,7 +146,8 @@ def ours(args) -> dict:
   stats = jax.local_devices()[0].memory_stats() or {}
   result = {"step_time_s": step_time, "images_per_s": images / step_time, "global_batch": images,
             "tflops_per_step_per_device": flops / 1e12, "achieved_tflops_per_device": flops / step_time / 1e12,
-            "devices": int(mesh.devices.size), "peak_bytes": stats.get("peak_bytes_in_use")}
+            "devices": int(mesh.devices.size), "peak_bytes": stats.get("peak_bytes_in_use"),
+            "compile_s": sum(r["seconds"] for r in job.compile_records)}
   if args.peak_tflops:
     result["mfu"] = result["achieved_tflops_per_device"] / args.peak_tflops
   return result
@@ -231,6 +235,7 @@ def main():
   p.add_argument("--devices", type=int, default=0)
   p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (H100 SXM bf16 dense: 989)")
   p.add_argument("--no_torch", action="store_true")
+  p.add_argument("--no_compile_cache", action="store_true", help="compile afresh (compile_s is a real compile)")
   p.add_argument("--scaling", default="", help="e.g. 1,2,4,8: weak scaling, batch per device fixed")
   args = p.parse_args()
   if args.model in FLUX_MODELS:
