@@ -67,10 +67,9 @@ def flax_venv(venv: pathlib.Path) -> pathlib.Path:
 def ours_train(args) -> dict:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import train_step  # noqa: PLC0415
-  ns = argparse.Namespace(model=args.shape, resolution=args.resolution, batch=1, prior=True, steps=args.train_steps,
-                          warmup=args.warmup, mixed_precision=None, remat=None, attention="auto",
-                          moments_bf16=False, lora=0, data=-1, fsdp=1, devices=0, peak_tflops=0.0,
-                          no_compile_cache=True)
+  ns = train_step.make_parser().parse_args(  # its defaults for every other flag
+      [f"--model={args.shape}", f"--resolution={args.resolution}", "--batch=1", "--prior",
+       f"--steps={args.train_steps}", f"--warmup={args.warmup}", "--no_compile_cache"])
   return train_step.ours(ns)
 
 
@@ -84,8 +83,9 @@ def torch_train(args) -> dict:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import train_step  # noqa: PLC0415
   torch_threads(args)
-  ns = argparse.Namespace(model=args.shape, resolution=args.resolution, batch=1, prior=True, steps=args.train_steps,
-                          warmup=args.warmup, mixed_precision="no", remat=None)
+  ns = train_step.make_parser().parse_args(
+      [f"--model={args.shape}", f"--resolution={args.resolution}", "--batch=1", "--prior",
+       f"--steps={args.train_steps}", f"--warmup={args.warmup}", "--mixed_precision=no"])
   return train_step.torch_step(ns)
 
 

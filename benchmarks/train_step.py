@@ -214,7 +214,8 @@ def scaling(args) -> list[dict]:
   return rows
 
 
-def main():
+def make_parser() -> argparse.ArgumentParser:
+  """The flags (benchmarks/matrix.py builds its cells' arguments from these defaults)."""
   p = argparse.ArgumentParser()
   p.add_argument("--model", default="tiny", choices=sorted(MODELS))
   p.add_argument("--resolution", type=int, default=64)
@@ -237,7 +238,11 @@ def main():
   p.add_argument("--no_torch", action="store_true")
   p.add_argument("--no_compile_cache", action="store_true", help="compile afresh (compile_s is a real compile)")
   p.add_argument("--scaling", default="", help="e.g. 1,2,4,8: weak scaling, batch per device fixed")
-  args = p.parse_args()
+  return p
+
+
+def main():
+  args = make_parser().parse_args()
   if args.model in FLUX_MODELS:
     args.no_torch = True  # the torch step here is diffusers' UNet; Flux's is not wired
   result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "args": vars(args),
