@@ -102,11 +102,6 @@ def batch_spec(config, pipe, mesh, bucket: tuple[int, int] | None = None) -> dic
           for k, (shape, dtype) in batch_schema(config, pipe, bucket).items()}
 
 
-def bucket_choices(config) -> list[tuple[int, int]] | None:
-  """The config's (H, W) buckets, None when bucketing is off."""
-  return buckets_lib.bucket_set(config) if config.get("enable_bucket") else None
-
-
 DATASET_DEFAULTS = {"image_column": "image", "caption_column": "", "dataset_split": "train"}
 
 
@@ -134,9 +129,9 @@ def load_instance_images(config) -> data_lib.SubjectImages:
     return hf_datasets.load_dataset_images(
         config.dataset_name, split=config.dataset_split, image_column=config.image_column,
         caption_column=config.caption_column, resolution=config.resolution, default_caption=config.instance_prompt,
-        on_bad_image=config.on_bad_image, buckets=bucket_choices(config), masks=config.masked_loss)
+        on_bad_image=config.on_bad_image, buckets=buckets_lib.choices(config), masks=config.masked_loss)
   return _load_images("instance_data_dir", pathlib.Path(config.instance_data_dir or BUNDLED_DOG), config.resolution,
-                      config.instance_prompt, config.on_bad_image, bucket_choices(config), config.masked_loss)
+                      config.instance_prompt, config.on_bad_image, buckets_lib.choices(config), config.masked_loss)
 
 
 def used_buckets(config, instance: data_lib.SubjectImages) -> list[tuple[int, int]]:

@@ -66,6 +66,11 @@ def bucket_set(config) -> list[tuple[int, int]]:
   return [(h, w) for w, h in resos]
 
 
+def choices(config) -> list[tuple[int, int]] | None:
+  """The config's (H, W) buckets, None when bucketing is off."""
+  return bucket_set(config) if config.get("enable_bucket") else None
+
+
 def select_bucket(height: int, width: int, buckets) -> tuple[int, int]:
   """kohya's choice: the image's own size if it is a bucket, else the first bucket of nearest aspect (w / h)."""
   buckets = [tuple(b) for b in buckets]

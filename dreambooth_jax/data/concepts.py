@@ -191,22 +191,18 @@ def load_instance_images(config, concepts: list[Concept]) -> data_lib.SubjectIma
             concept.dataset_name, split=concept.dataset_split, image_column=concept.image_column,
             caption_column=concept.caption_column, resolution=config.resolution,
             default_caption=concept.instance_prompt, on_bad_image=config.on_bad_image, masks=config.masked_loss,
-            buckets=bucket_choices(config)))
+            buckets=buckets_lib.choices(config)))
       else:
         where = f"instance_data_dir={concept.instance_data_dir}"
         parts.append(data_lib.load_subject_images(concept.instance_data_dir, config.resolution,
                                                   concept.instance_prompt, on_bad_image=config.on_bad_image,
-                                                  masks=config.masked_loss, buckets=bucket_choices(config),
+                                                  masks=config.masked_loss, buckets=buckets_lib.choices(config),
                                                   caption_extension=concept.caption_extension))
     except (ValueError, FileNotFoundError) as e:
       raise _wrap(e, f"concepts[{i}] ({concept.name}): {where}") from None
   joined = join(parts)
   joined.repeats = [concepts[c].num_repeats for c in joined.concepts]
   return joined
-
-
-def bucket_choices(config) -> list[tuple[int, int]] | None:
-  return buckets_lib.bucket_set(config) if config.get("enable_bucket") else None
 
 
 def join(parts: list[data_lib.SubjectImages]) -> data_lib.SubjectImages:
@@ -244,8 +240,8 @@ def load_class_images(config, concepts: list[Concept], workdir, instance: data_l
     captions = [concepts[c].class_prompt for c in instance.concepts]
     groups = [np.flatnonzero(np.array(instance.concepts) == k) for k in range(len(concepts))]
     return dataclasses.replace(instance, captions=captions, repeats=None), groups
-  parts, groups = [], [None] * len(concepts)
-  for folder, prompt, _, users in class_sets(config, concepts, workdir):
+  parts, groups, folders = [], [None] * len(concepts), class_sets(config, concepts, workdir)
+  for folder, prompt, _, users in folders:
     i = users[0]
     try:
       part = data_lib.load_subject_images(folder, config.resolution, prompt, on_bad_image=config.on_bad_image,
@@ -257,7 +253,7 @@ def load_class_images(config, concepts: list[Concept], workdir, instance: data_l
       groups[user] = np.arange(start, start + len(part.paths))
     parts.append(part)
   joined = join(parts)
-  firsts = [users[0] for *_, users in class_sets(config, concepts, workdir)]
+  firsts = [users[0] for *_, users in folders]
   joined.concepts = [firsts[k] for k in joined.concepts]
   return joined, groups
 

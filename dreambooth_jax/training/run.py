@@ -163,7 +163,7 @@ def dry_run(config, mesh=None) -> CompiledStep:
                                  param_dtype=run_state.param_dtype(config),
                                  unet_kwargs=run_state.denoiser_kwargs(config))
   buckets_lib.check_settings(config, pipe.size_multiple())
-  choices = batches.bucket_choices(config)
+  choices = buckets_lib.choices(config)
   bucket = buckets_lib.largest(choices) if choices else None
   step = compile_step(config, pipe, *run_state.trainable_state(pipe, config), mesh,
                       buckets=[bucket] if bucket else None)
