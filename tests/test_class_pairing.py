@@ -77,7 +77,7 @@ def draw_unbucketed() -> tuple[list[str], list[dict]]:
 
 def draw_bucketed() -> tuple[list[str], list[dict]]:
   processes = iterators(bucketed=True)
-  steps = [" | ".join(rows(it.next_for_bucket(concepts, bucket, 2)) for it in processes)
+  steps = [" | ".join(rows(it.next_for(concepts, bucket)) for it in processes)
            for bucket, concepts in BUCKET_STEPS]
   return steps, [it.get_state() for it in processes]
 
@@ -98,12 +98,12 @@ def test_bucketed_pairing_is_golden():
   unmoved = as_state({"a": (0, 0), "b": (0, 0), "a2": (0, 0)})  # the square sequences are not drawn from
   assert states == [{"seed": 7, "concepts": unmoved, "buckets": as_state(BUCKET_STATE)}] * 2
   with pytest.raises(ValueError, match=r"concept 'a': no class image in bucket 48x32 \(HxW\)"):
-    iterators(bucketed=True)[0].next_for_bucket([1, 1, 0, 1], (48, 32), 1)
+    iterators(bucketed=True)[0].next_for([1, 1, 0, 1], (48, 32))
 
 
 def test_pairing_resumes_from_a_saved_state():
   for bucketed, draw in ((False, lambda it, k: it.next_for(SQUARE_STEPS[k])),
-                         (True, lambda it, k: it.next_for_bucket(BUCKET_STEPS[k][1], BUCKET_STEPS[k][0], 2))):
+                         (True, lambda it, k: it.next_for(*BUCKET_STEPS[k][::-1]))):
     first, fresh = iterators(bucketed)[1], iterators(bucketed)[1]
     for k in range(2):
       draw(first, k)

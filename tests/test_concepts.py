@@ -326,13 +326,13 @@ def test_concepts_in_aspect_ratio_buckets(tmp_path):
   assert batches.example_sequence(config, 12, work) == steps  # deterministic
   sets, iterators, names = batches.host_data(config, work)
   for _ in range(3):
-    batches.bucketed_step(iterators, True, 2)
+    batches.bucketed_step(iterators, True)
   state = {name: json.loads(json.dumps(it.get_state())) for name, it in iterators.items()}
   _, fresh, _ = batches.host_data(config, work, instance=sets["instance"])
   for name, it in fresh.items():
     it.set_state(state[name])
   for _ in range(4):
-    (bucket_a, a), (bucket_b, b) = batches.bucketed_step(iterators, True, 2), batches.bucketed_step(fresh, True, 2)
+    (bucket_a, a), (bucket_b, b) = batches.bucketed_step(iterators, True), batches.bucketed_step(fresh, True)
     assert bucket_a == bucket_b
     for kind in a:
       assert a[kind]["index_B"].tolist() == b[kind]["index_B"].tolist()

@@ -203,13 +203,13 @@ def host_data(config, workdir, instance=None, process_index: int = 0, process_co
   return sets, iterators, []
 
 
-def bucketed_step(iterators: dict, concepts: bool, micro_batches: int):
+def bucketed_step(iterators: dict, concepts: bool):
   """(bucket, {"instance": rows, ["class": rows]}) of one bucketed step, all its micro-batches (micro-batch-major):
   class examples of the step's bucket, and with concepts of each paired instance example's concept."""
   bucket, instance = next(iterators["instance"])
   step = {"instance": instance}
   if "class" in iterators:
-    step["class"] = (iterators["class"].next_for_bucket(iterators["instance"].global_concepts, bucket, micro_batches)
+    step["class"] = (iterators["class"].next_for(iterators["instance"].global_concepts, bucket)
                      if concepts else iterators["class"].next_for(bucket))
   return bucket, step
 
@@ -233,7 +233,7 @@ def example_sequence(config, steps: int, workdir) -> list[list[dict]]:
   out = []
   for _ in range(steps):
     if sets["instance"].buckets is not None:  # one draw holds the step's micro-batches
-      micro = [bucketed_step(iterators, bool(names), config.gradient_accumulation_steps)[1]]
+      micro = [bucketed_step(iterators, bool(names))[1]]
     else:
       micro = [paired_examples(iterators) if names else {name: next(it) for name, it in iterators.items()}
                for _ in range(config.gradient_accumulation_steps)]
@@ -350,7 +350,7 @@ class TrainData:
       if self.concept_names:
         return [paired_examples(self.iterators) for _ in range(accum)]
       return [{name: next(it) for name, it in self.iterators.items()} for _ in range(accum)]
-    self.bucket, step = bucketed_step(self.iterators, bool(self.concept_names), accum)
+    self.bucket, step = bucketed_step(self.iterators, bool(self.concept_names))
     local = len(step["instance"]["index_B"]) // accum
     return [{name: {k: v[a * local:(a + 1) * local] for k, v in examples.items()} for name, examples in step.items()}
             for a in range(self.config.gradient_accumulation_steps)]
