@@ -20,6 +20,7 @@ from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
 from dreambooth_jax.data import buckets as buckets_lib, concepts as concepts_lib, hf_datasets, images as data_lib
+from dreambooth_jax.sampling import sampler
 
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
@@ -142,11 +143,6 @@ def used_buckets(config, instance: data_lib.SubjectImages) -> list[tuple[int, in
 @nnx.jit
 def _encode(vae, pixels_BHWC):
   return vae.encode(pixels_BHWC)
-
-
-@nnx.jit(static_argnums=0)
-def _encode_text(family, modules, ids):
-  return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
 
 
 def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str, buckets=None,
@@ -279,8 +275,8 @@ class TrainData:
       captions = sorted({c for images in self.sets.values() for c in images.captions})
       self.caption_rows = {c: i for i, c in enumerate(captions)}
       encoders = {name: pipe.modules[name] for name in pipe.family.TEXT_ENCODERS}
-      chunks = [_encode_text(pipe.family, encoders, self.family.tokenize(self.tokenizers, captions[i:i + 16]))
-                for i in range(0, len(captions), 16)]
+      chunks = [sampler.encode_text(pipe.family, encoders, self.family.tokenize(self.tokenizers, captions[i:i + 16]),
+                                    jnp.float32) for i in range(0, len(captions), 16)]
       self.text_table = {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in self.family.TEXT_KEYS}
 
   def _cache_latents(self, vae, images) -> dict:
