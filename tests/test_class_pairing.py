@@ -1,8 +1,8 @@
 """Golden sequences of concepts.PairedClassIterator, square and bucketed: which class image (and flip, crop, slot,
 concept) each instance example of a step is paired with, over several epochs of every concept's class sequence, with
-concepts repeated within a step and a class folder shared by two concepts, on both processes of two. Recorded before
-the two draw paths were merged (the same commit adds this test); a refactor must keep them, and with them every
-concepts run's batches and resumed states."""
+concepts repeated within a step and a class folder shared by two concepts, on both processes of two. Recorded at
+93d7b26, before the iterator's two draw paths (square, bucketed) were merged into one; a refactor must keep them, and
+with them every concepts run's batches and resumed states. Tiny and model-free: well under a second."""
 
 import json
 import pathlib
@@ -50,7 +50,8 @@ BUCKET_STATE = {"a2@32x32": (4, 0), "a2@32x48": (2, 0), "a@32x32": (3, 1), "a@32
 def class_images(bucketed: bool) -> data_lib.SubjectImages:
   rng = np.random.default_rng(0)
   return data_lib.SubjectImages(
-      paths=[pathlib.Path(f"c{i}.png") for i in range(len(SHAPES))], captions=[f"class {i}" for i in range(len(SHAPES))],
+      paths=[pathlib.Path(f"c{i}.png") for i in range(len(SHAPES))],
+      captions=[f"class {i}" for i in range(len(SHAPES))],
       images=[rng.integers(0, 256, (*shape, 3), np.uint8) for shape, _ in SHAPES], resolution=32,
       original_sizes=[shape for shape, _ in SHAPES], buckets=[b for _, b in SHAPES] if bucketed else None,
       concepts=[0, 0, 0, 1, 1, 1, 1])
