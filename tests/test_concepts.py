@@ -107,6 +107,15 @@ def test_example_sequence_follows_num_repeats_and_pairs_class_examples(tmp_path)
       assert a[kind]["concept_B"].tolist() == b[kind]["concept_B"].tolist()
 
 
+def test_the_data_side_takes_the_resolved_concepts(tmp_path, monkeypatch):
+  """A run resolves config.concepts once and passes them along: given them, the data side does not resolve again."""
+  config = fast_config("with_prior_preservation=False")
+  config.concepts = two_subjects(tmp_path)
+  resolved = concepts_lib.resolve(config)
+  monkeypatch.setattr(concepts_lib, "resolve", lambda *args, **kwargs: pytest.fail("config.concepts resolved again"))
+  sets, _, names = batches.host_data(config, tmp_path / "work", concepts=resolved)
+  assert names == ["dog", "zwx toy"] and sorted(set(sets["instance"].concepts)) == [0, 1]
+
 def test_one_concept_draws_the_shorthands_instance_examples(tmp_path):
   shorthand = fast_config("with_prior_preservation=False", "random_flip=True")
   single = fast_config("with_prior_preservation=False", "random_flip=True")

@@ -119,10 +119,11 @@ def check_instance_source(config):
                          f"only; set dataset_name or leave {key} at {default!r}")
 
 
-def load_instance_images(config) -> data_lib.SubjectImages:
+def load_instance_images(config, concepts: list[concepts_lib.Concept] | None = None) -> data_lib.SubjectImages:
   """The instance photos (each in its bucket when bucketing): the run reads them before compiling, to know the
-  buckets in use. With config.concepts, all concepts' photos (data/concepts.py)."""
-  concepts = concepts_lib.resolve(config)
+  buckets in use. With config.concepts, all concepts' photos (data/concepts.py). concepts: config.concepts as the
+  caller resolved them (concepts.resolve), else resolved here."""
+  concepts = concepts_lib.resolve(config) if concepts is None else concepts
   if concepts:
     return concepts_lib.load_instance_images(config, concepts)
   check_instance_source(config)
@@ -155,14 +156,16 @@ def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: 
 
 
 def host_data(config, workdir, instance=None, process_index: int = 0, process_count: int = 1,
-              with_pixels: bool = False) -> tuple[dict, dict, list[str]]:
+              with_pixels: bool = False, concepts: list[concepts_lib.Concept] | None = None
+              ) -> tuple[dict, dict, list[str]]:
   """({set name: SubjectImages}, {set name: iterator}, concept names) of this process: the instance photos (given,
-  or loaded) and the class set, no model needed. Concept names are [] for the single-subject shorthand."""
+  or loaded) and the class set, no model needed. Concept names are [] for the single-subject shorthand. concepts:
+  as load_instance_images'."""
+  concepts = concepts_lib.resolve(config) if concepts is None else concepts
   local = config.train_batch_size // process_count
-  sets = {"instance": instance or load_instance_images(config)}
+  sets = {"instance": instance or load_instance_images(config, concepts)}
   settings = dict(center_crop=config.center_crop, random_flip=config.random_flip, process_index=process_index,
                   process_count=process_count, with_pixels=with_pixels)
-  concepts = concepts_lib.resolve(config)
   bucketed = sets["instance"].buckets is not None
   if concepts:  # class examples paired per concept (data/concepts.py), and per bucket when bucketed
     if bucketed:
@@ -240,8 +243,10 @@ def example_sequence(config, steps: int, workdir) -> list[list[dict]]:
 
 
 class TrainData:
-  def __init__(self, config, pipe, mesh, workdir: pathlib.Path, instance: data_lib.SubjectImages | None = None):
-    """instance: the already loaded instance images (load_instance_images), else loaded here."""
+  def __init__(self, config, pipe, mesh, workdir: pathlib.Path, instance: data_lib.SubjectImages | None = None,
+               concepts: list[concepts_lib.Concept] | None = None):
+    """instance: the already loaded instance images (load_instance_images), else loaded here; concepts: as
+    load_instance_images'."""
     self.config, self.mesh = config, mesh
     processes, index = jax.process_count(), jax.process_index()
     if config.train_batch_size % processes:
@@ -252,7 +257,8 @@ class TrainData:
     if self.global_batch_size % mesh.shape["data"]:  # run.make_mesh refuses this first, with the levers
       raise ValueError(f"{describe_batch(config)} does not divide over mesh_data={mesh.shape['data']}")
     self.sets, self.iterators, self.concept_names = host_data(config, workdir, instance, index, processes,
-                                                              with_pixels=not caches_latents(config))
+                                                              with_pixels=not caches_latents(config),
+                                                              concepts=concepts)
     self.buckets = used_buckets(config, self.sets["instance"])
     self.bucketed = self.sets["instance"].buckets is not None
     self.bucket = self.buckets[0]  # the bucket of the last batch (next_batch sets it)
