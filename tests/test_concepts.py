@@ -107,6 +107,15 @@ def test_example_sequence_follows_num_repeats_and_pairs_class_examples(tmp_path)
       assert a[kind]["concept_B"].tolist() == b[kind]["concept_B"].tolist()
 
 
+def test_the_data_side_takes_the_resolved_concepts(tmp_path, monkeypatch):
+  """A run resolves config.concepts once and passes them along: given them, the data side does not resolve again."""
+  config = fast_config("with_prior_preservation=False")
+  config.concepts = two_subjects(tmp_path)
+  resolved = concepts_lib.resolve(config)
+  monkeypatch.setattr(concepts_lib, "resolve", lambda *args, **kwargs: pytest.fail("config.concepts resolved again"))
+  sets, _, names = batches.host_data(config, tmp_path / "work", concepts=resolved)
+  assert names == ["dog", "zwx toy"] and sorted(set(sets["instance"].concepts)) == [0, 1]
+
 def test_one_concept_draws_the_shorthands_instance_examples(tmp_path):
   shorthand = fast_config("with_prior_preservation=False", "random_flip=True")
   single = fast_config("with_prior_preservation=False", "random_flip=True")
@@ -326,13 +335,13 @@ def test_concepts_in_aspect_ratio_buckets(tmp_path):
   assert batches.example_sequence(config, 12, work) == steps  # deterministic
   sets, iterators, names = batches.host_data(config, work)
   for _ in range(3):
-    batches.bucketed_step(iterators, True, 2)
+    batches.bucketed_step(iterators, True)
   state = {name: json.loads(json.dumps(it.get_state())) for name, it in iterators.items()}
   _, fresh, _ = batches.host_data(config, work, instance=sets["instance"])
   for name, it in fresh.items():
     it.set_state(state[name])
   for _ in range(4):
-    (bucket_a, a), (bucket_b, b) = batches.bucketed_step(iterators, True, 2), batches.bucketed_step(fresh, True, 2)
+    (bucket_a, a), (bucket_b, b) = batches.bucketed_step(iterators, True), batches.bucketed_step(fresh, True)
     assert bucket_a == bucket_b
     for kind in a:
       assert a[kind]["index_B"].tolist() == b[kind]["index_B"].tolist()

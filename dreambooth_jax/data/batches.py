@@ -20,6 +20,7 @@ from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
 from dreambooth_jax.data import buckets as buckets_lib, concepts as concepts_lib, hf_datasets, images as data_lib
+from dreambooth_jax.sampling import sampler
 
 BUNDLED_DOG = pathlib.Path(__file__).resolve().parents[1] / "assets" / "dog"
 
@@ -118,10 +119,11 @@ def check_instance_source(config):
                          f"only; set dataset_name or leave {key} at {default!r}")
 
 
-def load_instance_images(config) -> data_lib.SubjectImages:
+def load_instance_images(config, concepts: list[concepts_lib.Concept] | None = None) -> data_lib.SubjectImages:
   """The instance photos (each in its bucket when bucketing): the run reads them before compiling, to know the
-  buckets in use. With config.concepts, all concepts' photos (data/concepts.py)."""
-  concepts = concepts_lib.resolve(config)
+  buckets in use. With config.concepts, all concepts' photos (data/concepts.py). concepts: config.concepts as the
+  caller resolved them (concepts.resolve), else resolved here."""
+  concepts = concepts_lib.resolve(config) if concepts is None else concepts
   if concepts:
     return concepts_lib.load_instance_images(config, concepts)
   check_instance_source(config)
@@ -144,11 +146,6 @@ def _encode(vae, pixels_BHWC):
   return vae.encode(pixels_BHWC)
 
 
-@nnx.jit(static_argnums=0)
-def _encode_text(family, modules, ids):
-  return {k: v.astype(jnp.float32) for k, v in family.encode_text(modules, ids).items()}
-
-
 def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: str, buckets=None,
                  masks: bool = False):
   try:
@@ -159,14 +156,16 @@ def _load_images(key: str, folder, resolution: int, caption: str, on_bad_image: 
 
 
 def host_data(config, workdir, instance=None, process_index: int = 0, process_count: int = 1,
-              with_pixels: bool = False) -> tuple[dict, dict, list[str]]:
+              with_pixels: bool = False, concepts: list[concepts_lib.Concept] | None = None
+              ) -> tuple[dict, dict, list[str]]:
   """({set name: SubjectImages}, {set name: iterator}, concept names) of this process: the instance photos (given,
-  or loaded) and the class set, no model needed. Concept names are [] for the single-subject shorthand."""
+  or loaded) and the class set, no model needed. Concept names are [] for the single-subject shorthand. concepts:
+  as load_instance_images'."""
+  concepts = concepts_lib.resolve(config) if concepts is None else concepts
   local = config.train_batch_size // process_count
-  sets = {"instance": instance or load_instance_images(config)}
+  sets = {"instance": instance or load_instance_images(config, concepts)}
   settings = dict(center_crop=config.center_crop, random_flip=config.random_flip, process_index=process_index,
                   process_count=process_count, with_pixels=with_pixels)
-  concepts = concepts_lib.resolve(config)
   bucketed = sets["instance"].buckets is not None
   if concepts:  # class examples paired per concept (data/concepts.py), and per bucket when bucketed
     if bucketed:
@@ -203,13 +202,13 @@ def host_data(config, workdir, instance=None, process_index: int = 0, process_co
   return sets, iterators, []
 
 
-def bucketed_step(iterators: dict, concepts: bool, micro_batches: int):
+def bucketed_step(iterators: dict, concepts: bool):
   """(bucket, {"instance": rows, ["class": rows]}) of one bucketed step, all its micro-batches (micro-batch-major):
   class examples of the step's bucket, and with concepts of each paired instance example's concept."""
   bucket, instance = next(iterators["instance"])
   step = {"instance": instance}
   if "class" in iterators:
-    step["class"] = (iterators["class"].next_for_bucket(iterators["instance"].global_concepts, bucket, micro_batches)
+    step["class"] = (iterators["class"].next_for(iterators["instance"].global_concepts, bucket)
                      if concepts else iterators["class"].next_for(bucket))
   return bucket, step
 
@@ -233,7 +232,7 @@ def example_sequence(config, steps: int, workdir) -> list[list[dict]]:
   out = []
   for _ in range(steps):
     if sets["instance"].buckets is not None:  # one draw holds the step's micro-batches
-      micro = [bucketed_step(iterators, bool(names), config.gradient_accumulation_steps)[1]]
+      micro = [bucketed_step(iterators, bool(names))[1]]
     else:
       micro = [paired_examples(iterators) if names else {name: next(it) for name, it in iterators.items()}
                for _ in range(config.gradient_accumulation_steps)]
@@ -244,8 +243,10 @@ def example_sequence(config, steps: int, workdir) -> list[list[dict]]:
 
 
 class TrainData:
-  def __init__(self, config, pipe, mesh, workdir: pathlib.Path, instance: data_lib.SubjectImages | None = None):
-    """instance: the already loaded instance images (load_instance_images), else loaded here."""
+  def __init__(self, config, pipe, mesh, workdir: pathlib.Path, instance: data_lib.SubjectImages | None = None,
+               concepts: list[concepts_lib.Concept] | None = None):
+    """instance: the already loaded instance images (load_instance_images), else loaded here; concepts: as
+    load_instance_images'."""
     self.config, self.mesh = config, mesh
     processes, index = jax.process_count(), jax.process_index()
     if config.train_batch_size % processes:
@@ -256,7 +257,8 @@ class TrainData:
     if self.global_batch_size % mesh.shape["data"]:  # run.make_mesh refuses this first, with the levers
       raise ValueError(f"{describe_batch(config)} does not divide over mesh_data={mesh.shape['data']}")
     self.sets, self.iterators, self.concept_names = host_data(config, workdir, instance, index, processes,
-                                                              with_pixels=not caches_latents(config))
+                                                              with_pixels=not caches_latents(config),
+                                                              concepts=concepts)
     self.buckets = used_buckets(config, self.sets["instance"])
     self.bucketed = self.sets["instance"].buckets is not None
     self.bucket = self.buckets[0]  # the bucket of the last batch (next_batch sets it)
@@ -279,8 +281,8 @@ class TrainData:
       captions = sorted({c for images in self.sets.values() for c in images.captions})
       self.caption_rows = {c: i for i, c in enumerate(captions)}
       encoders = {name: pipe.modules[name] for name in pipe.family.TEXT_ENCODERS}
-      chunks = [_encode_text(pipe.family, encoders, self.family.tokenize(self.tokenizers, captions[i:i + 16]))
-                for i in range(0, len(captions), 16)]
+      chunks = [sampler.encode_text(pipe.family, encoders, self.family.tokenize(self.tokenizers, captions[i:i + 16]),
+                                    jnp.float32) for i in range(0, len(captions), 16)]
       self.text_table = {k: np.concatenate([np.asarray(c[k]) for c in chunks]) for k in self.family.TEXT_KEYS}
 
   def _cache_latents(self, vae, images) -> dict:
@@ -350,7 +352,7 @@ class TrainData:
       if self.concept_names:
         return [paired_examples(self.iterators) for _ in range(accum)]
       return [{name: next(it) for name, it in self.iterators.items()} for _ in range(accum)]
-    self.bucket, step = bucketed_step(self.iterators, bool(self.concept_names), accum)
+    self.bucket, step = bucketed_step(self.iterators, bool(self.concept_names))
     local = len(step["instance"]["index_B"]) // accum
     return [{name: {k: v[a * local:(a + 1) * local] for k, v in examples.items()} for name, examples in step.items()}
             for a in range(self.config.gradient_accumulation_steps)]

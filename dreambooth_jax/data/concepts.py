@@ -260,79 +260,65 @@ def load_class_images(config, concepts: list[Concept], workdir, instance: data_l
 
 class PairedClassIterator:
   """Class examples paired with the instance examples of a step: the one paired with an instance example of concept c
-  is the next of c's class sequence (per-epoch permutations of c's class images drawn from (seed, c, epoch)). Every
-  process walks the whole global batch (the instance iterator's global_concepts) and keeps its own slice, as
-  SubjectIterator does; the state is each concept's (epoch, position)."""
+  is the next of c's class sequence, the concatenation of per-epoch permutations of c's class images drawn from
+  (seed, c, epoch); in a bucketed step (aspect-ratio buckets) of c's class images in the step's bucket (H, W), drawn
+  from (seed, c, H, W, epoch). Every process walks the whole global batch (the instance iterator's global_concepts)
+  and keeps its own slice, as SubjectIterator does; the state is each sequence's (epoch, position)."""
 
   def __init__(self, images: data_lib.SubjectImages, groups: list[np.ndarray], names: list[str],
                batch_size_per_process: int, *, seed: int, center_crop: bool = True, random_flip: bool = False,
                process_index: int = 0, process_count: int = 1, with_pixels: bool = True):
-    self.images, self.groups, self.names = images, groups, names
+    self.images, self.names = images, names
     self.local, self.seed, self.with_pixels = batch_size_per_process, seed, with_pixels
     self.center_crop, self.random_flip = center_crop, random_flip
     self.process_index, self.process_count = process_index, process_count
-    self.positions = [(0, 0)] * len(groups)  # per concept: (epoch, position)
-    self.bucket_positions = {}  # with buckets: per "concept@HxW", (epoch, position)
+    # per (concept, bucket or None): the class images its sequence permutes (the images and groups never change)
+    self.members = {(c, None): group for c, group in enumerate(groups)}
+    if images.buckets is not None:
+      for c, group in enumerate(groups):
+        of_group = [tuple(images.buckets[i]) for i in group]
+        for bucket in sorted(set(of_group)):
+          self.members[c, bucket] = group[[b == bucket for b in of_group]]
+    self.positions = {}  # per (concept name, bucket name or None): (epoch, position); (0, 0) until drawn from
 
-  def _example(self, concept: int, epoch: int, position: int):
-    group = self.groups[concept]
-    index = int(group[np.random.default_rng((self.seed, concept, epoch)).permutation(len(group))[position]])
-    rng = np.random.default_rng((self.seed, concept, epoch, position, 1))
-    return index, *data_lib.make_example(self.images, index, rng, self.center_crop, self.random_flip)
-
-  def next_for(self, global_concepts) -> dict:
-    """This process's class examples for a step whose global instance examples are of `global_concepts`."""
-    rows, mine = [], []
-    for k, concept in enumerate(global_concepts):
-      epoch, position = self.positions[concept]
-      if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
-        rows.append(self._example(concept, epoch, position))
+  def next_for(self, global_concepts, bucket: tuple[int, int] | None = None) -> dict:
+    """This process's class examples for a step whose global instance examples are of `global_concepts` (all the
+    step's micro-batches, micro-batch-major, as buckets.BucketIterator's); bucket: the bucketed step's (H, W)."""
+    rows, mine, slots = [], [], []
+    global_batch = self.local * self.process_count
+    bucket = None if bucket is None else tuple(bucket)
+    for j, concept in enumerate(global_concepts):
+      slot = j % global_batch  # within the micro-batch
+      members = self._class_images(concept, bucket)
+      key = (self.names[concept], None if bucket is None else buckets_lib.name(bucket))
+      epoch, position = self.positions.get(key, (0, 0))
+      if self.process_index * self.local <= slot < (self.process_index + 1) * self.local:
+        draw = (self.seed, concept, *(bucket or ()), epoch)
+        index = int(members[np.random.default_rng(draw).permutation(len(members))[position]])
+        rng = np.random.default_rng((*draw, position, 1))
+        rows.append((index, *data_lib.make_example(self.images, index, rng, self.center_crop, self.random_flip)))
         mine.append(concept)
+        slots.append(slot)
       position += 1
-      self.positions[concept] = (epoch + 1, 0) if position == len(self.groups[concept]) else (epoch, position)
-    slots = np.arange(self.process_index * self.local, (self.process_index + 1) * self.local, dtype=np.int32)
-    batch = data_lib.rows_to_batch(self.images, rows, slots, self.with_pixels)
+      self.positions[key] = (epoch + 1, 0) if position == len(members) else (epoch, position)
+    batch = data_lib.rows_to_batch(self.images, rows, np.array(slots, np.int32), self.with_pixels)
     batch["concept_B"] = np.array(mine, np.int32)  # the paired instance example's (a shared folder has several)
     return batch
 
-  def next_for_bucket(self, global_concepts, bucket, micro_batches: int) -> dict:
-    """This process's class examples of a bucketed step (aspect-ratio buckets): the class example paired with an
-    instance example of concept c is the next of c's class images in the step's bucket (per (concept, bucket):
-    permutations drawn from (seed, c, bucket, epoch)). Rows micro-batch-major, as buckets.BucketIterator's."""
-    rows, mine, slots = [], [], []
-    global_batch = self.local * self.process_count
-    for a in range(micro_batches):
-      for k in range(global_batch):
-        concept = global_concepts[a * global_batch + k]
-        members = self._bucket_members(concept, bucket)
-        key = f"{self.names[concept]}@{buckets_lib.name(bucket)}"
-        epoch, position = self.bucket_positions.get(key, (0, 0))
-        if self.process_index * self.local <= k < (self.process_index + 1) * self.local:
-          index = int(members[np.random.default_rng((self.seed, concept, *bucket, epoch)).permutation(
-              len(members))[position]])
-          rng = np.random.default_rng((self.seed, concept, *bucket, epoch, position, 1))
-          rows.append((index, *data_lib.make_example(self.images, index, rng, self.center_crop, self.random_flip)))
-          mine.append(concept)
-          slots.append(k)
-        position += 1
-        self.bucket_positions[key] = (epoch + 1, 0) if position == len(members) else (epoch, position)
-    batch = data_lib.rows_to_batch(self.images, rows, np.array(slots, np.int32), self.with_pixels)
-    batch["concept_B"] = np.array(mine, np.int32)
-    return batch
-
-  def _bucket_members(self, concept: int, bucket) -> np.ndarray:
-    group = self.groups[concept]
-    members = group[[tuple(self.images.buckets[i]) == tuple(bucket) for i in group]]
-    if not len(members):
+  def _class_images(self, concept: int, bucket) -> np.ndarray:
+    members = self.members.get((concept, bucket))
+    if members is None:
       raise ValueError(f"concept {self.names[concept]!r}: no class image in bucket {buckets_lib.name(bucket)} (HxW), "
                        "where it has instance images; add some to its class_data_dir or let the run generate them")
     return members
 
   def get_state(self) -> dict:
-    state = {"seed": self.seed, "concepts": {n: {"epoch": e, "position": p}
-                                             for n, (e, p) in zip(self.names, self.positions)}}
-    if self.bucket_positions:
-      state["buckets"] = {k: {"epoch": e, "position": p} for k, (e, p) in sorted(self.bucket_positions.items())}
+    concepts = {n: self.positions.get((n, None), (0, 0)) for n in self.names}
+    state = {"seed": self.seed, "concepts": {n: {"epoch": e, "position": p} for n, (e, p) in concepts.items()}}
+    in_buckets = {f"{n}@{b}": {"epoch": e, "position": p} for (n, b), (e, p) in self.positions.items()
+                  if b is not None}
+    if in_buckets:
+      state["buckets"] = dict(sorted(in_buckets.items()))
     return state
 
   def set_state(self, state: dict):
@@ -341,5 +327,6 @@ class PairedClassIterator:
     saved = state.get("concepts", {})
     if sorted(saved) != sorted(self.names):
       raise ValueError(f"class iterator state is of concepts {sorted(saved)}, this run has {sorted(self.names)}")
-    self.positions = [(int(saved[n]["epoch"]), int(saved[n]["position"])) for n in self.names]
-    self.bucket_positions = {k: (int(v["epoch"]), int(v["position"])) for k, v in state.get("buckets", {}).items()}
+    self.positions = {(n, None): (int(saved[n]["epoch"]), int(saved[n]["position"])) for n in self.names}
+    for key, v in state.get("buckets", {}).items():  # "name@HxW": a bucket name has no "@"
+      self.positions[tuple(key.rsplit("@", 1))] = (int(v["epoch"]), int(v["position"]))

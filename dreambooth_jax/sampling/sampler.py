@@ -239,7 +239,7 @@ def free_text_encoders(pipe, prompts: Sequence[str], batch_size: int = 8):
   cache = dict(pipe.text_cache or {})
   for start in range(0, len(prompts), batch_size):
     chunk = prompts[start:start + batch_size]
-    text = jax.device_get(_encode_text(family, encoders, family.tokenize(pipe.tokenizers, chunk)))
+    text = jax.device_get(encode_text(family, encoders, family.tokenize(pipe.tokenizers, chunk)))
     cache.update({p: {k: np.asarray(text[k][i]) for k in family.TEXT_KEYS} for i, p in enumerate(chunk)})
   freed = dataclasses.replace(pipe, modules={**pipe.modules, **{name: None for name in family.TEXT_ENCODERS}},
                               text_cache=cache)
@@ -248,9 +248,14 @@ def free_text_encoders(pipe, prompts: Sequence[str], batch_size: int = 8):
   return freed
 
 
-@nnx.jit(static_argnums=0)
-def _encode_text(family, modules, ids):
-  return family.encode_text(modules, ids)
+@nnx.jit(static_argnums=(0, 3))
+def encode_text(family, modules, ids, dtype=None) -> dict:
+  """The family's encode_text, compiled on its own: in the encoders' dtype (dtype None: what the sampler's own
+  compiled text encoding gives), or cast to `dtype` inside the compiled function (the training text cache's float32:
+  cast outside it, bf16 outputs would differ, as XLA may keep a bf16 result's excess precision when it fuses the
+  cast)."""
+  text = family.encode_text(modules, ids)
+  return text if dtype is None else {k: v.astype(dtype) for k, v in text.items()}
 
 
 def generate_all(pipe, prompts: Sequence[str], *, seed: int = 0, batch_size: int = 4, first_index: int = 0,

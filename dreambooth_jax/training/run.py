@@ -183,15 +183,17 @@ def make_mesh(config) -> jax.sharding.Mesh:
                                  batch_name=batches.describe_batch(config))
 
 
-def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
+def setup(config, workdir: pathlib.Path, mesh=None, concepts: list[concepts_lib.Concept] | None = None) -> Job:
   """Model, compiled step (refused if it cannot fit), class images, data, sharded state (restored if a
-  checkpoint exists)."""
+  checkpoint exists). concepts: config.concepts as the caller resolved them (concepts.resolve), else resolved
+  here."""
   in_training_eval.check_config(config)
   mesh = mesh or make_mesh(config)
   logging.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.devices.size, jax.process_count())
   buckets_lib.check_settings(config)
   # read before the model loads (bad data is refused first); their buckets are the shapes to compile
-  instance = batches.load_instance_images(config)
+  concepts = concepts_lib.resolve(config) if concepts is None else concepts
+  instance = batches.load_instance_images(config, concepts)
   pipe = run_state.load_model(config)
   buckets_lib.check_settings(config, pipe.size_multiple())
   graphdefs, params, frozen = run_state.trainable_state(pipe, config)
@@ -203,7 +205,6 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
                                        height=config.resolution, width=config.resolution,
                                        scheduler=config.sample_scheduler, karras=config.sample_karras,
                                        loop=config.sample_loop or None)
-    concepts = concepts_lib.resolve(config)
     if concepts:  # each concept's folder (WORKDIR/class_images/<name> by default), cached and resumable the same way
       for folder, prompt, count, users in concepts_lib.class_sets(config, concepts, workdir):
         if instance.buckets:  # per bucket its users' instance images are in
@@ -222,7 +223,7 @@ def setup(config, workdir: pathlib.Path, mesh=None) -> Job:
       class_images.ensure_class_images(pipe, class_dir, config.class_prompt, config.num_class_images,
                                        seed=config.seed, settings=settings, batch_size=config.sample_batch_size,
                                        mesh=mesh)
-  data = batches.TrainData(config, pipe, mesh, workdir, instance=instance)
+  data = batches.TrainData(config, pipe, mesh, workdir, instance=instance, concepts=concepts)
   if batches.caches_text(config) and run_state.lora_settings(config):
     # the step reads cached embeddings, and the LoRA export writes factors only: keep the text encoders' outputs
     # for the prompts sampled later and free them (Flux's T5-XXL: 4.7B parameters). A full fine-tune's export
@@ -255,11 +256,12 @@ def train(config, workdir: pathlib.Path) -> Job:
   workdir.mkdir(parents=True, exist_ok=True)
   run_state.resolve_defaults(config)
   buckets_lib.check_settings(config)  # refused by name before anything is written
-  concepts_lib.check_folders(concepts_lib.resolve(config))
+  concepts = concepts_lib.resolve(config)
+  concepts_lib.check_folders(concepts)
   xla_cache.enable(config)
   write_config(config, workdir)
   primary = jax.process_index() == 0
-  job = setup(config, workdir)
+  job = setup(config, workdir, concepts=concepts)
   pipe, mesh, data, graphdefs, state, mgr = job.pipe, job.mesh, job.data, job.graphdefs, job.state, job.mgr
   flops = job.flops_per_step
   start = int(jax.device_get(state["step"]))
@@ -275,7 +277,6 @@ def train(config, workdir: pathlib.Path) -> Job:
   if config.validation_loss and config.validation_steps:
     val_loss = val_loss_lib.ValidationLoss(config, data, pipe.family, graphdefs, step_lib.loss_settings(config),
                                            mesh)
-  concepts = concepts_lib.resolve(config)
   pending = None  # (step, device metrics, dispatch time, bucket) of the last dispatched step, read one step late
   images_per_step = data.global_batch_size * config.gradient_accumulation_steps
 
