@@ -156,6 +156,11 @@ def ours(args) -> dict:
   return result
 
 
+def torch_remat(args) -> bool:
+  """Gradient checkpointing for the torch step: any --remat but none (the flag's default, None, is none too)."""
+  return args.remat not in (None, "none")
+
+
 def torch_step(args) -> dict:
   """diffusers-torch's UNet (or, for Flux shapes, its transformer) forward + MSE + backward + clip + AdamW: a full
   fine-tune of the denoiser on random inputs of the step's shapes."""
@@ -170,7 +175,7 @@ def torch_step(args) -> dict:
   unet = UNet2DConditionModel.from_config(config).to(device).train()
   text_dim = config["cross_attention_dim"]
   vae_factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-  if args.remat:
+  if torch_remat(args):
     unet.enable_gradient_checkpointing()
   batch = args.batch * (2 if args.prior else 1)
   size = args.resolution // vae_factor
@@ -201,7 +206,7 @@ def torch_flux_step(args) -> dict:
   config = read("transformer", "config.json")
   device = "cuda" if torch.cuda.is_available() else "cpu"
   model = FluxTransformer2DModel.from_config(config).to(device).train()
-  if args.remat:
+  if torch_remat(args):
     model.enable_gradient_checkpointing()
   batch = args.batch * (2 if args.prior else 1)
   side = args.resolution // 2 ** (len(read("vae", "config.json")["block_out_channels"]) - 1) // 2  # packed side

@@ -44,3 +44,4 @@ def test_train_cells_are_fp32_full_fine_tunes_with_prior_on_every_shape():
     c = train_step.make_config(train_step.make_parser().parse_args(matrix.train_flags(args(shape))))
     assert (c.mixed_precision, c.param_dtype, c.remat, c.lora.enabled) == ("no", "float32", "none", False), shape
     assert (c.with_prior_preservation, c.train_batch_size, c.resolution) == (True, 1, 64), shape
+    assert not train_step.torch_remat(train_step.make_parser().parse_args(matrix.train_flags(args(shape)))), shape
