@@ -1,5 +1,6 @@
 """Issue #16's comparison matrix: our train step and sampler vs diffusers-torch and diffusers-flax 0.39, over a
-matrix of model shapes (SD, SDXL and Flux layouts), in one run on whatever backend each library finds (here: the CPU).
+matrix of model shapes (SD, SDXL and Flux layouts), in one run on whatever backend each library finds (here: the
+CPU).
 
   python benchmarks/matrix.py                                        # every shape at 64 px
   python benchmarks/matrix.py --shapes=tiny --whats=train --impls=ours,diffusers-flax
