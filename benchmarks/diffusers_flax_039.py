@@ -10,6 +10,8 @@ fp32. Sampler: FlaxStableDiffusionPipeline._generate's body (fori_loop over Flax
 batch of 2B, VAE decode), jitted; the text context is random (its CLIP encoder is not built: transformers 5 has no
 Flax models and the text encoder runs once per call, a small part of every shape here).
 Their Flax UNet fixes GroupNorm at 32 groups (no norm_num_groups): configs with fewer groups run with 32.
+SDXL-layout UNets (addition_embed_type "text_time") get added_cond_kwargs as FlaxStableDiffusionXLPipeline passes
+them: random pooled text embeddings and the 6 time ids (original size, crop (0, 0), target size).
 """
 
 import argparse
@@ -34,6 +36,16 @@ def build(folder: pathlib.Path, seed: int):
   return unet, params
 
 
+def added_conditioning(config, batch: int, resolution: int) -> dict | None:
+  """SDXL's text_embeds (batch, pooled dim) and time_ids (batch, 6), as FlaxStableDiffusionXLPipeline's
+  _get_add_time_ids; None for SD UNets."""
+  if config.addition_embed_type != "text_time":
+    return None
+  pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+  time_ids = jnp.array([[resolution, resolution, 0, 0, resolution, resolution]] * batch, jnp.float32)
+  return {"text_embeds": jax.random.normal(jax.random.key(4), (batch, pooled)), "time_ids": time_ids}
+
+
 def train(folder: pathlib.Path, resolution: int, steps: int, warmup: int) -> dict:
   unet, params = build(folder, 0)
   config, vae_factor = unet.config, 2 ** (len(read(folder, "vae")["block_out_channels"]) - 1)
@@ -44,9 +56,11 @@ def train(folder: pathlib.Path, resolution: int, steps: int, warmup: int) -> dic
   x_BCHW = jax.random.normal(k1, (batch, config.in_channels, size, size))
   ctx_BSD = jax.random.normal(k2, (batch, 77, config.cross_attention_dim))
   t_B = jax.random.randint(k3, (batch,), 0, 1000)
+  added = added_conditioning(config, batch, resolution)
 
   def loss_fn(p):
-    return jnp.mean((unet.apply({"params": p}, x_BCHW, t_B, ctx_BSD, train=True).sample - x_BCHW) ** 2)
+    out = unet.apply({"params": p}, x_BCHW, t_B, ctx_BSD, added_cond_kwargs=added, train=True).sample
+    return jnp.mean((out - x_BCHW) ** 2)
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
   def step(p, s):
@@ -80,9 +94,10 @@ def sample(folder: pathlib.Path, resolution: int, batch: int, num_steps: int, gu
   vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
   latents_shape = (batch, unet.config.in_channels, resolution // vae_factor, resolution // vae_factor)
   context_BSD = jax.random.normal(jax.random.key(3), (2 * batch, 77, unet.config.cross_attention_dim))
+  added = added_conditioning(unet.config, 2 * batch, resolution)
 
   @jax.jit
-  def generate(params, rng):  # FlaxStableDiffusionPipeline._generate from the text embeddings on
+  def generate(params, rng):  # FlaxStableDiffusion(XL)Pipeline._generate from the text embeddings on
     guidance_scale = jnp.array([guidance], dtype=jnp.float32)
     latents = jax.random.normal(rng, latents_shape, dtype=jnp.float32)
 
@@ -93,7 +108,7 @@ def sample(folder: pathlib.Path, resolution: int, batch: int, num_steps: int, gu
       timestep = jnp.broadcast_to(t, latents_input.shape[0])
       latents_input = scheduler.scale_model_input(scheduler_state, latents_input, t)
       noise_pred = unet.apply({"params": params["unet"]}, latents_input, timestep,
-                              encoder_hidden_states=context_BSD).sample
+                              encoder_hidden_states=context_BSD, added_cond_kwargs=added).sample
       uncond, text = jnp.split(noise_pred, 2, axis=0)
       noise_pred = uncond + guidance_scale * (text - uncond)
       return scheduler.step(scheduler_state, noise_pred, t, latents).to_tuple()

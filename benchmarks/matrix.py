@@ -1,7 +1,8 @@
 """Issue #16's comparison matrix: our train step and sampler vs diffusers-torch and diffusers-flax 0.39, over a
-matrix of UNet shapes, in one run on whatever backend each library finds (here: the CPU).
+matrix of model shapes (SD, SDXL and Flux layouts), in one run on whatever backend each library finds (here: the
+CPU).
 
-  python benchmarks/matrix.py                                        # tiny, diffusers-test, sd15-narrow at 64 px
+  python benchmarks/matrix.py                                        # every shape at 64 px
   python benchmarks/matrix.py --shapes=tiny --whats=train --impls=ours,diffusers-flax
 
 diffusers-flax 0.39 (the last diffusers with Flax models) runs in its own venv, which this script creates on first
@@ -9,11 +10,13 @@ use (--flax_venv, pinned to FLAX_PINS with our jax version) and reuses after; th
 (shape, implementation, train | sample) runs in its own process, the implementations of one shape back to back so
 that a shared machine's load affects them alike; each prints one JSON line, and a markdown table closes the run.
 
-Train step: 1 instance + 1 class example, fp32 (ours: benchmarks/train_step.py's ours(), the whole DreamBooth
-step; diffusers-torch: its torch_step(); diffusers-flax: benchmarks/diffusers_flax_039.py). Sampler: DDIM with CFG,
---sample_batch x --sample_steps, VAE decode included (ours: sampler.generate; torch: benchmarks/sample.py's
-StableDiffusionPipeline; flax: _generate's fori_loop, random text context). Targets (issue #16, every shape): our
-step <= 0.5x diffusers-flax's and <= 0.5x diffusers-torch's; our sampler >= 1.5x diffusers-torch's images/s.
+Train step: 1 instance + 1 class example, fp32, full fine-tune (ours: benchmarks/train_step.py's ours(), the whole
+DreamBooth step; diffusers-torch: its torch_step(); diffusers-flax: benchmarks/diffusers_flax_039.py). Sampler:
+--sample_batch x --sample_steps, VAE decode included, the family's default guidance (SD, SDXL: DDIM with CFG 7.5;
+Flux: flow-matching Euler with the distilled guidance input 3.5, no CFG) (ours: sampler.generate; torch:
+benchmarks/sample.py's diffusers pipeline; flax: _generate's fori_loop, random text context). diffusers-flax has no
+Flux: those cells are n/a. Targets (issue #16, every shape): our step <= 0.5x diffusers-flax's and <= 0.5x
+diffusers-torch's (where they exist); our sampler >= 1.5x diffusers-torch's images/s.
 """
 
 import argparse
@@ -29,8 +32,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPES = {"tiny": ROOT / "dreambooth_jax" / "assets" / "tiny-sd",
           "diffusers-test": ROOT / "benchmarks" / "shapes" / "diffusers-test",
           "sd15-narrow": ROOT / "benchmarks" / "shapes" / "sd15-narrow",
+          "sdxl-tiny": ROOT / "benchmarks" / "shapes" / "sdxl-tiny",
           "flux-tiny": ROOT / "benchmarks" / "shapes" / "flux-tiny"}
-NOT_UNET = ("flux-tiny",)  # no diffusers UNet: only our train step runs, the other cells are n/a
+NOT_BUILT = {("flux-tiny", "diffusers-flax"): "diffusers-flax 0.39 has no Flux model"}  # (shape, impl): why n/a
 IMPLS = ("ours", "diffusers-torch", "diffusers-flax")
 WHATS = ("train", "sample")
 FLAX_VENV = pathlib.Path.home() / ".cache" / "dreambooth_jax" / "bench-venvs" / "diffusers-flax-0.39"
@@ -64,12 +68,18 @@ def flax_venv(venv: pathlib.Path) -> pathlib.Path:
 
 # ------------------------------------------------------------------------------------ cells (run in workers)
 
+def train_flags(args) -> list[str]:
+  """benchmarks/train_step.py's flags of every train cell: 1 + 1, fp32 weights and compute, full fine-tune, no
+  remat (the Flux config's LoRA on a bf16 base with remat is overridden: the same work as the torch step)."""
+  return [f"--model={args.shape}", f"--resolution={args.resolution}", "--batch=1", "--prior",
+          f"--steps={args.train_steps}", f"--warmup={args.warmup}", "--mixed_precision=no", "--remat=none",
+          "--lora=0", "--param_dtype=float32"]
+
+
 def ours_train(args) -> dict:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import train_step  # noqa: PLC0415
-  ns = train_step.make_parser().parse_args(  # its defaults for every other flag
-      [f"--model={args.shape}", f"--resolution={args.resolution}", "--batch=1", "--prior",
-       f"--steps={args.train_steps}", f"--warmup={args.warmup}", "--no_compile_cache"])
+  ns = train_step.make_parser().parse_args([*train_flags(args), "--no_compile_cache"])  # defaults for the rest
   return train_step.ours(ns)
 
 
@@ -83,20 +93,24 @@ def torch_train(args) -> dict:
   sys.path.insert(0, str(ROOT / "benchmarks"))
   import train_step  # noqa: PLC0415
   torch_threads(args)
-  ns = train_step.make_parser().parse_args(
-      [f"--model={args.shape}", f"--resolution={args.resolution}", "--batch=1", "--prior",
-       f"--steps={args.train_steps}", f"--warmup={args.warmup}", "--mixed_precision=no"])
-  return train_step.torch_step(ns)
+  return train_step.torch_step(train_step.make_parser().parse_args(train_flags(args)))
+
+
+def shape_folder(shape: str) -> pathlib.Path:
+  """The shape's config folder; for Flux a copy with a T5 tokenizer (benchmarks/train_step.py's flux_folder)."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import train_step  # noqa: PLC0415
+  return pathlib.Path(train_step.flux_folder(shape)) if shape in train_step.FLUX_MODELS else SHAPES[shape]
 
 
 def ours_sample(args) -> dict:
   import jax  # noqa: PLC0415
   from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
   from dreambooth_jax.sampling import sampler  # noqa: PLC0415
-  pipe = weights.random_pipeline(SHAPES[args.shape])
+  pipe = weights.random_pipeline(shape_folder(args.shape))
   prompts, indices = ["a photo of sks dog"] * args.sample_batch, list(range(args.sample_batch))
-  settings = sampler.SamplerSettings(steps=args.sample_steps, guidance=7.5, height=args.resolution,
-                                     width=args.resolution)
+  settings = sampler.SamplerSettings(steps=args.sample_steps, guidance=pipe.family.DEFAULT_GUIDANCE,
+                                     height=args.resolution, width=args.resolution)
   t0 = time.perf_counter()
   jax.block_until_ready(sampler.generate(pipe, prompts, indices, settings=settings))
   first = time.perf_counter() - t0
@@ -104,7 +118,8 @@ def ours_sample(args) -> dict:
   for r in range(args.repeats):
     jax.block_until_ready(sampler.generate(pipe, prompts, indices, seed=r + 1, settings=settings))
   return {"images_per_s": args.sample_batch * args.repeats / (time.perf_counter() - t0),
-          "first_call_incl_compile_s": first, "loop": settings.loop or sampler.DEFAULT_LOOP}
+          "first_call_incl_compile_s": first, "loop": settings.loop or sampler.DEFAULT_LOOP,
+          "guidance": settings.guidance}
 
 
 def torch_sample(args) -> dict:
@@ -113,10 +128,13 @@ def torch_sample(args) -> dict:
   from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
   torch_threads(args)
   model_dir = pathlib.Path(tempfile.mkdtemp()) / args.shape
-  weights.save_pipeline(weights.random_pipeline(SHAPES[args.shape]), model_dir)
+  pipe = weights.random_pipeline(shape_folder(args.shape))
+  weights.save_pipeline(pipe, model_dir)
+  guidance = pipe.family.DEFAULT_GUIDANCE  # as ours_sample
   images_per_s, device = sample.torch_images_per_s(str(model_dir), ["a photo of sks dog"] * args.sample_batch,
-                                                   args.sample_steps, args.resolution, 7.5, "float32", args.repeats)
-  return {"images_per_s": images_per_s, "device": device}
+                                                   args.sample_steps, args.resolution, guidance, "float32",
+                                                   args.repeats)
+  return {"images_per_s": images_per_s, "device": device, "guidance": guidance}
 
 
 WORKERS = {("ours", "train"): ours_train, ("diffusers-torch", "train"): torch_train,
@@ -138,8 +156,8 @@ def cell_command(args, flax_python, shape: str, impl: str, what: str) -> list[st
 
 def run_cell(args, flax_python, shape: str, impl: str, what: str) -> dict:
   row = {"shape": shape, "impl": impl, "what": what}
-  if shape in NOT_UNET and (impl != "ours" or what != "train"):
-    return {**row, "status": "n/a"}
+  if (shape, impl) in NOT_BUILT:
+    return {**row, "status": "n/a", "why": NOT_BUILT[shape, impl]}
   t0 = time.perf_counter()
   try:
     out = subprocess.run(cell_command(args, flax_python, shape, impl, what), capture_output=True, text=True,
@@ -157,13 +175,23 @@ def fmt(value, spec: str) -> str:
   return "n/a" if value is None else format(value, spec)
 
 
+def times(value) -> str:
+  return fmt(value, ".2f") + ("" if value is None else "x")
+
+
+def verdict(ratios: list, met) -> str:
+  """'yes' | 'no' for a target over the ratios that apply (None: a cell that failed or was not run), else 'n/a'."""
+  return "n/a" if not ratios or None in ratios else ("yes" if all(met(r) for r in ratios) else "no")
+
+
 def table(rows: list[dict]) -> str:
-  """One line per shape: step ms and sampler images/s per implementation, our/their ratios, the targets."""
+  """One line per shape: step ms and sampler images/s per implementation, our/their ratios, the targets (judged
+  on the implementations that exist for the shape: n/a cells drop out, failed ones make the verdict n/a)."""
   cell = {(r["shape"], r["impl"], r["what"]): r for r in rows if r.get("status") == "ok"}
+  exists = lambda s, i: (s, i) not in NOT_BUILT
   step = lambda s, i: 1e3 * cell[s, i, "train"]["step_time_s"] if (s, i, "train") in cell else None
   ips = lambda s, i: cell[s, i, "sample"]["images_per_s"] if (s, i, "sample") in cell else None
   ratio = lambda a, b: a / b if a is not None and b is not None else None
-  verdict = lambda ok: "n/a" if ok is None else ("yes" if ok else "no")
   lines = ["| shape | step ms: ours / torch / flax | ours÷torch | ours÷flax | step target | "
            "sampler img/s: ours / torch / flax | ours÷torch | ours÷flax | sampler target |",
            "|---|---|---|---|---|---|---|---|---|"]
@@ -171,17 +199,18 @@ def table(rows: list[dict]) -> str:
     ms = [step(shape, i) for i in IMPLS]
     sampled = [ips(shape, i) for i in IMPLS]
     st, sf = ratio(ms[0], ms[1]), ratio(ms[0], ms[2])
-    step_ok = None if st is None or sf is None else (st <= STEP_RATIO_MAX and sf <= STEP_RATIO_MAX)
+    step_ok = verdict([r for r, i in ((st, IMPLS[1]), (sf, IMPLS[2])) if exists(shape, i)],
+                      lambda r: r <= STEP_RATIO_MAX)
     pt, pf = ratio(sampled[0], sampled[1]), ratio(sampled[0], sampled[2])
-    lines.append(f"| {shape} | {' / '.join(fmt(v, '.1f') for v in ms)} | {fmt(st, '.2f')}x | {fmt(sf, '.2f')}x | "
-                 f"{verdict(step_ok)} | {' / '.join(fmt(v, '.2f') for v in sampled)} | {fmt(pt, '.2f')}x | "
-                 f"{fmt(pf, '.2f')}x | {verdict(None if pt is None else pt >= SAMPLER_RATIO_MIN)} |")
+    sample_ok = verdict([pt] if exists(shape, IMPLS[1]) else [], lambda r: r >= SAMPLER_RATIO_MIN)
+    lines.append(f"| {shape} | {' / '.join(fmt(v, '.1f') for v in ms)} | {times(st)} | {times(sf)} | {step_ok} | "
+                 f"{' / '.join(fmt(v, '.2f') for v in sampled)} | {times(pt)} | {times(pf)} | {sample_ok} |")
   return "\n".join(lines)
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--shapes", default="tiny,diffusers-test,sd15-narrow", help=f"comma list of {sorted(SHAPES)}")
+  p.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
   p.add_argument("--impls", default=",".join(IMPLS), help=f"comma list of {IMPLS}")
   p.add_argument("--whats", default=",".join(WHATS), help=f"comma list of {WHATS}")
   p.add_argument("--resolution", type=int, default=64, help="image size in px (latents: / the VAE's factor)")

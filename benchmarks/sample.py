@@ -21,12 +21,17 @@ from dreambooth_jax.io import diffusers_folder as weights
 
 
 def torch_images_per_s(model_dir, prompts, steps, size, guidance, dtype, repeats):
+  """The folder's diffusers pipeline (StableDiffusion, StableDiffusionXL: DDIM as ours; Flux: its flow-matching
+  Euler and the distilled guidance input, as ours) at `guidance`."""
   import torch  # noqa: PLC0415
-  from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: PLC0415
+  from diffusers import DDIMScheduler, DiffusionPipeline, FluxPipeline  # noqa: PLC0415
   device = "cuda" if torch.cuda.is_available() else "cpu"
   torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-  pipe = StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype).to(device)
-  pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+  index = json.loads((pathlib.Path(model_dir) / "model_index.json").read_text())
+  extra = {"add_watermarker": False} if index["_class_name"] == "StableDiffusionXLPipeline" else {}
+  pipe = DiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype, **extra).to(device)
+  if not isinstance(pipe, FluxPipeline):
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
   pipe.set_progress_bar_config(disable=True)
   run = lambda: pipe(prompts, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
                      output_type="np")

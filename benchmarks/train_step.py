@@ -29,6 +29,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = {"tiny": "tiny", "sd15": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd15"),
           "sd21": str(ROOT / "dreambooth_jax" / "assets" / "sd-configs" / "sd21"),
           "sdxl": str(ROOT / "dreambooth_jax" / "assets" / "sdxl-configs"),
+          "sdxl-tiny": str(ROOT / "benchmarks" / "shapes" / "sdxl-tiny"),
           "diffusers-test": str(ROOT / "benchmarks" / "shapes" / "diffusers-test"),
           "sd15-narrow": str(ROOT / "benchmarks" / "shapes" / "sd15-narrow"),
           "flux-tiny": str(ROOT / "benchmarks" / "shapes" / "flux-tiny"),
@@ -118,9 +119,11 @@ def make_config(args):
   c.mesh_data, c.mesh_fsdp = args.data, args.fsdp
   if args.no_compile_cache:
     c.compilation_cache_dir = ""
-  if args.lora:
-    c.lora.enabled = True
-    c.lora.rank = args.lora
+  if args.param_dtype is not None:
+    c.param_dtype = args.param_dtype
+  if args.lora is not None:
+    c.lora.enabled = args.lora > 0
+    c.lora.rank = args.lora or c.lora.rank
   return c
 
 
@@ -153,7 +156,16 @@ def ours(args) -> dict:
   return result
 
 
+def torch_remat(args) -> bool:
+  """Gradient checkpointing for the torch step: any --remat but none (the flag's default, None, is none too)."""
+  return args.remat not in (None, "none")
+
+
 def torch_step(args) -> dict:
+  """diffusers-torch's UNet (or, for Flux shapes, its transformer) forward + MSE + backward + clip + AdamW: a full
+  fine-tune of the denoiser on random inputs of the step's shapes."""
+  if args.model in FLUX_MODELS:
+    return torch_flux_step(args)
   import torch  # noqa: PLC0415
   from diffusers import UNet2DConditionModel  # noqa: PLC0415
   from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
@@ -163,9 +175,8 @@ def torch_step(args) -> dict:
   unet = UNet2DConditionModel.from_config(config).to(device).train()
   text_dim = config["cross_attention_dim"]
   vae_factor = 2 ** (len(json.loads((folder / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
-  if args.remat:
+  if torch_remat(args):
     unet.enable_gradient_checkpointing()
-  opt = torch.optim.AdamW(unet.parameters(), lr=1e-6)
   batch = args.batch * (2 if args.prior else 1)
   size = args.resolution // vae_factor
   x = torch.randn(batch, config["in_channels"], size, size, device=device)
@@ -178,11 +189,55 @@ def torch_step(args) -> dict:
              "time_ids": torch.full((batch, 6), float(args.resolution), device=device)}
   autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
 
-  def step():
+  def loss_fn():
     with autocast:
-      loss = torch.nn.functional.mse_loss(unet(x, t, ctx, added_cond_kwargs=added).sample.float(), x)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+      return torch.nn.functional.mse_loss(unet(x, t, ctx, added_cond_kwargs=added).sample.float(), x)
+
+  return time_torch_steps(args, unet, loss_fn, batch, device)
+
+
+def torch_flux_step(args) -> dict:
+  """FluxTransformer2DModel on packed latents (2 x 2 patches of the VAE's latents), T5 context of the tokenizer's
+  length, pooled CLIP, image/text position ids and the distilled guidance input, as FluxPipeline calls it."""
+  import torch  # noqa: PLC0415
+  from diffusers import FluxTransformer2DModel  # noqa: PLC0415
+  folder = pathlib.Path(MODELS[args.model])
+  read = lambda *parts: json.loads(folder.joinpath(*parts).read_text())
+  config = read("transformer", "config.json")
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = FluxTransformer2DModel.from_config(config).to(device).train()
+  if torch_remat(args):
+    model.enable_gradient_checkpointing()
+  batch = args.batch * (2 if args.prior else 1)
+  side = args.resolution // 2 ** (len(read("vae", "config.json")["block_out_channels"]) - 1) // 2  # packed side
+  text_len = read("tokenizer_2", "tokenizer_config.json")["model_max_length"]
+  x = torch.randn(batch, side * side, config["in_channels"], device=device)
+  ctx = torch.randn(batch, text_len, config["joint_attention_dim"], device=device)
+  pooled = torch.randn(batch, config["pooled_projection_dim"], device=device)
+  rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+  img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float().to(device)
+  txt_ids = torch.zeros(text_len, 3, device=device)
+  sigma = torch.rand(batch, device=device)
+  guidance = torch.full((batch,), 3.5, device=device) if config.get("guidance_embeds") else None
+  autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+
+  def loss_fn():
+    with autocast:
+      out = model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=sigma,
+                  img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample
+    return torch.nn.functional.mse_loss(out.float(), x)
+
+  return time_torch_steps(args, model, loss_fn, batch, device)
+
+
+def time_torch_steps(args, model, loss_fn, batch: int, device: str) -> dict:
+  """--warmup then --steps timed steps of loss_fn's backward + clip_grad_norm(1.0) + AdamW(1e-6)."""
+  import torch  # noqa: PLC0415
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
+
+  def step():
+    loss_fn().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -228,7 +283,10 @@ def make_parser() -> argparse.ArgumentParser:
   p.add_argument("--remat", default=None, help="default: none (Flux: its config's, full)")
   p.add_argument("--attention", default="auto", choices=["auto", "xla", "cudnn", "chunked"])
   p.add_argument("--moments_bf16", action="store_true")
-  p.add_argument("--lora", type=int, default=0, help="LoRA rank (0 = full fine-tune)")
+  p.add_argument("--lora", type=int, default=None, help="LoRA rank, 0: full fine-tune (default: the config's; "
+                 "Flux: rank 4)")
+  p.add_argument("--param_dtype", default=None, choices=["float32", "bfloat16"],
+                 help="default: the config's (Flux: bfloat16, the frozen base)")
   p.add_argument("--accum", type=int, default=1, help="gradient_accumulation_steps (micro-batches of --batch each)")
   p.add_argument("--accumulation_loop", default="auto", choices=["auto", "scan", "unrolled"])
   p.add_argument("--data", type=int, default=-1)
@@ -244,7 +302,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main():
   args = make_parser().parse_args()
   if args.model in FLUX_MODELS:
-    args.no_torch = True  # the torch step here is diffusers' UNet; Flux's is not wired
+    args.no_torch = True  # Flux runs here are LoRA on a bf16 base; torch_flux_step is a full fine-tune (matrix.py)
   result = {"device": str(jax.devices()[0].device_kind), "backend": jax.default_backend(), "args": vars(args),
             "ours": ours(args)}
   if not args.no_torch:
