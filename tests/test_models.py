@@ -104,6 +104,29 @@ def random_qkv(t, s, seed=0, dtype=np.float32):
   return q, k, v
 
 
+@pytest.mark.parametrize("extra", ["plain", "mask", "causal", "bias_scale", "bf16"])
+def test_xla_attention_equals_jax_nn_forward_and_backward(extra):
+  """Our head-major layout computes jax.nn.dot_product_attention's XLA arithmetic (fp32 logits and softmax)."""
+  from dreambooth_jax.models import layers
+  q, k, v = (jnp.asarray(x) for x in random_qkv(12, 12 if extra == "causal" else 7))
+  rng = np.random.default_rng(2)
+  kwargs = {"mask": jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3).at[..., 0].set(True),  # padded keys
+            "causal": {"is_causal": True},
+            "bias_scale": {"bias": jnp.asarray(rng.standard_normal((1, 2, 12, 7)), jnp.float32), "scale": 1.0}}
+  kwargs = {"mask": {"mask": kwargs["mask"]}}.get(extra, kwargs.get(extra, {}))
+  if extra == "bf16":
+    q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  tol = 2e-2 if extra == "bf16" else 1e-5
+  w = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
+  loss = lambda f: lambda q, k, v: jnp.sum(f(q, k, v, **kwargs).astype(jnp.float32) * w)
+  assert_close(layers.xla_attention(q, k, v, **kwargs).astype(jnp.float32),
+               jax.nn.dot_product_attention(q, k, v, **kwargs).astype(jnp.float32), tol=tol)
+  ours = jax.grad(loss(layers.xla_attention), argnums=(0, 1, 2))(q, k, v)
+  reference = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
+  for got, expected in zip(ours, reference):
+    assert_close(got.astype(jnp.float32), expected.astype(jnp.float32), tol=tol)
+
+
 @pytest.mark.parametrize("s", [77, 1100])  # cross-attention to text; self-attention
 def test_chunked_attention_equals_xla_forward_and_backward(s):
   from dreambooth_jax.models import layers
@@ -132,17 +155,22 @@ def test_chunked_attention_holds_no_full_score_matrix():
 
 
 def test_auto_attention_uses_cudnn_on_gpu_for_half_precision(monkeypatch):
-  """No GPU here: the choice is checked with the backend query and the kernel call stubbed."""
+  """No GPU here: the choice is checked with the backend query and the kernel calls stubbed."""
   from dreambooth_jax.models import layers
-  calls, real = [], jax.nn.dot_product_attention
+  calls, real_xla = [], layers.xla_attention
 
-  def recording(*args, implementation=None, **kwargs):
+  def cudnn(*args, implementation=None, **kwargs):
     calls.append(implementation)
-    if implementation == "cudnn" and fail_cudnn:
+    if fail_cudnn:
       raise ValueError("head size not supported by the flash kernel")
-    return real(*args, implementation=None, **kwargs)
+    return real_xla(*args, **kwargs)
 
-  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
+  def xla(*args, **kwargs):
+    calls.append("xla")
+    return real_xla(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", cudnn)
+  monkeypatch.setattr(layers, "xla_attention", xla)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   fail_cudnn = False
   q, k, v = random_qkv(16, 16)
@@ -150,11 +178,11 @@ def test_auto_attention_uses_cudnn_on_gpu_for_half_precision(monkeypatch):
   layers.attention(q, k, v)  # fp32: the flash kernel takes fp16/bf16 only
   fail_cudnn = True
   layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-  assert calls == ["cudnn", None, "cudnn", None]
+  assert calls == ["cudnn", "xla", "cudnn", "xla"]
   monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
   calls.clear()
   layers.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)))
-  assert calls == [None]
+  assert calls == ["xla"]
   with pytest.raises(ValueError, match="attention='flash'"):
     layers.attention(q, k, v, implementation="flash")
 

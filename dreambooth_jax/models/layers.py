@@ -127,8 +127,36 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, imp
       except (ValueError, NotImplementedError, RuntimeError):
         pass  # shape, head size or cuDNN version the flash kernel does not take: XLA below
     implementation = "xla"
-  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, **extra,
-                                      implementation=None if implementation in ("xla", "chunked") else implementation)
+  if implementation in ("xla", "chunked"):
+    return xla_attention(q_BTNH, k_BSNH, v_BSNH, **extra)
+  return jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, **extra, implementation=implementation)
+
+
+def xla_attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, bias=None,
+                  scale: float | None = None):
+  """jax.nn.dot_product_attention(implementation="xla")'s arithmetic (fp32 logits and softmax, probabilities cast
+  to the key dtype) with the heads moved next to the batch first, so that both contractions are plain batched
+  matmuls. Why: jax.nn's form (einsum 'BTNH,BSNH->BNTS' under a vmap over head groups) leaves batch dimensions
+  where XLA:CPU's matmul emitter does not take them, and it falls back to a slow loop: 3-4x slower forward and 5-6x
+  slower gradient on Flux's attention shapes (docs/benchmarks.md, "Attention layout"). mask: bool, broadcastable
+  to (B, N, T, S), True = attend; bias: added to the logits, broadcastable to (B, N, T, S)."""
+  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q_BTNH.dtype))
+  logits_dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
+  q_BNTH, k_BNSH, v_BNSH = (jnp.swapaxes(a, 1, 2) for a in (q_BTNH, k_BSNH, v_BSNH))
+  logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH, precision=precision,
+                           preferred_element_type=logits_dtype)
+  logits_BNTS = logits_BNTS * jnp.asarray(q_BTNH.shape[-1] ** -0.5 if scale is None else scale, logits_dtype)
+  if bias is not None:
+    logits_BNTS = (logits_BNTS + bias).astype(logits_dtype)
+  if is_causal:
+    T, S = logits_BNTS.shape[-2:]
+    causal_TS = jnp.tril(jnp.ones((T, S), bool))
+    mask = causal_TS if mask is None else jnp.logical_and(mask, causal_TS)
+  if mask is not None:
+    logits_BNTS = jnp.where(mask, logits_BNTS, jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype))
+  probs_BNTS = jax.nn.softmax(logits_BNTS.astype(jnp.float32), axis=-1).astype(k_BSNH.dtype)
+  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs_BNTS, v_BNSH), 1, 2)
 
 
 def check_attention(implementation: str | None) -> str:
@@ -146,7 +174,7 @@ def chunked_attention(q_BTNH, k_BSNH, v_BSNH, chunk: int):
   n = -(-T // chunk)
   q_BPNH = jnp.pad(q_BTNH, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))  # padded queries are sliced off
   q_nBCNH = q_BPNH.reshape(B, n, chunk, N, H).swapaxes(0, 1)
-  one_chunk = jax.checkpoint(lambda q_BCNH: jax.nn.dot_product_attention(q_BCNH, k_BSNH, v_BSNH))
+  one_chunk = jax.checkpoint(lambda q_BCNH: xla_attention(q_BCNH, k_BSNH, v_BSNH))
   out_nBCNH = jax.lax.map(one_chunk, q_nBCNH)
   return out_nBCNH.swapaxes(0, 1).reshape(B, n * chunk, N, H)[:, :T]
 
