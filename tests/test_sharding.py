@@ -66,12 +66,15 @@ print(json.dumps(out))
 """
 
 
+# Slow: the default suite proves data x fsdp = 2x4 against 1 device, at the same tolerances, in
+# test_small_batch_on_8_devices_default_mesh_equals_1_device (its default mesh is 2x4).
+@pytest.mark.slow
 @pytest.mark.parametrize("meshes", [
-    [(1, 1), (2, 4)],  # the default suite: batch over data and parameters over fsdp at once
-    pytest.param([(1, 1), (8, 1), (1, 8)], marks=pytest.mark.slow),  # each axis alone over all 8 devices
+    [(1, 1), (2, 4)],  # batch over data and parameters over fsdp at once, 4 examples per data shard
+    [(1, 1), (8, 1), (1, 8)],  # each axis alone over all 8 devices
 ], ids=["2x4", "8x1-1x8"])
 def test_three_steps_on_8_devices_equal_1_device(meshes):
-  """3 train steps on 8 fake CPU devices (data x fsdp = 2x4; with -m slow also 8x1 and 1x8) equal the 1-device run.
+  """3 train steps on 8 fake CPU devices (data x fsdp = 2x4, 8x1 and 1x8) equal the 1-device run.
   Tolerance: losses rtol 1e-5; parameter |.| sums rtol 1e-5 + atol 1e-5 (reduction order differs between
   shardings, and Adam normalises near-zero gradients, which amplifies that rounding noise)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
@@ -164,16 +167,23 @@ from dreambooth_jax.io import diffusers_folder
 from dreambooth_jax.sampling import sampler
 from dreambooth_jax.training import run
 tmp = pathlib.Path(tempfile.mkdtemp())
-# Global batch 2 (1 instance + 1 class example); class images generated on each mesh (sampling pads to 8 devices).
+# Global batch 2 (1 instance + 1 class example). The class images are generated on the 8-device mesh (sampling pads
+# to 8 devices); the 1-device run reads those same images, so the two runs see the same batches.
 config = fast_config("train_batch_size=1", "validation_steps=0")
 out = {{}}
-for name, mesh in [("1", sharding.make_mesh(1, 1, devices=jax.devices()[:1])), ("8", None)]:
+for name, mesh in [("8", None), ("1", sharding.make_mesh(1, 1, devices=jax.devices()[:1]))]:
+  if name == "1":
+    config = fast_config("train_batch_size=1", "validation_steps=0", f"class_data_dir={{tmp / '8' / 'class_images'}}")
   job = run.setup(config, tmp / name, mesh=mesh)
   state, losses = job.state, []
   for _ in range(3):
     state, metrics = job.step_fn(state, job.data.next_batch(), job.rng, job.frozen)
     losses.append(float(metrics["loss"]))
-  out[name] = {{"losses": losses, "mesh": dict(job.mesh.shape)}}
+  leaves = jax.tree.leaves(state["params"])
+  out[name] = {{"losses": losses, "mesh": dict(job.mesh.shape),
+               "sums": [float(np.abs(np.asarray(p)).sum()) for p in leaves],
+               "specs": sorted({{str(l.sharding.spec) for l in leaves}}),
+               "class_images": len(list((tmp / name / "class_images").glob("class_*.png")))}}
 try:
   run.make_mesh(fast_config("train_batch_size=1", "mesh_data=8"))
 except ValueError as e:
@@ -194,16 +204,22 @@ print(json.dumps(out))
 
 def test_small_batch_on_8_devices_default_mesh_equals_1_device():
   """train_batch_size=1 with prior preservation (global batch 2) on 8 fake CPU devices: the default mesh is data=2 x
-  fsdp=4 (the batch over data, replicated over fsdp), class images are generated on it, and 3 losses equal the
-  1-device run's (rtol 1e-3: class images generated on another mesh may round a PNG level differently). An explicit
-  mesh_data=8 is refused in one line; sampling on 8 devices gives the 1-device images (within one uint8 level)."""
+  fsdp=4 (the batch over data, the parameters sharded over fsdp), class images are generated on it, and 3 train
+  steps on it equal the 1-device run's on the same class images. Tolerance as in
+  test_three_steps_on_8_devices_equal_1_device: losses rtol 1e-5, parameter |.| sums rtol 1e-5 + atol 1e-5. An
+  explicit mesh_data=8 is refused in one line; sampling on 8 devices gives the 1-device images (within one uint8
+  level)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SMALL_BATCH.format(tests=TESTS)], env=env, capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
   out = json.loads(result.stdout.strip().splitlines()[-1])
-  assert out["8"]["mesh"] == {"data": 2, "fsdp": 4}
-  np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"], rtol=1e-3)
+  assert out["8"]["mesh"] == {"data": 2, "fsdp": 4} and out["1"]["mesh"] == {"data": 1, "fsdp": 1}
+  assert out["8"]["class_images"] == 4 and out["1"]["class_images"] == 0  # generated on the 8-device mesh only
+  assert out["1"]["losses"][2] != out["1"]["losses"][0]
+  np.testing.assert_allclose(out["8"]["losses"], out["1"]["losses"], rtol=1e-5)
+  np.testing.assert_allclose(out["8"]["sums"], out["1"]["sums"], rtol=1e-5, atol=1e-5)
+  assert any("fsdp" in s for s in out["8"]["specs"]), out["8"]["specs"]  # parameters really are sharded over fsdp
   refused = out["refused"]
   assert "\n" not in refused and all(k in refused for k in ("mesh_data=8", "mesh_fsdp=1", "train_batch_size=1"))
   assert out["sampling"]["shape"] == [5, 32, 32, 3] and out["sampling"]["max_diff"] <= 1, out["sampling"]
