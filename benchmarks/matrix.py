@@ -76,9 +76,15 @@ def train_flags(args) -> list[str]:
           "--lora=0", "--param_dtype=float32"]
 
 
+def sibling(name: str):
+  """A benchmark module beside this one (train_step, sample), however this file was loaded."""
+  if str(ROOT / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+  return importlib.import_module(name)
+
+
 def ours_train(args) -> dict:
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import train_step  # noqa: PLC0415
+  train_step = sibling("train_step")
   ns = train_step.make_parser().parse_args([*train_flags(args), "--no_compile_cache"])  # defaults for the rest
   return train_step.ours(ns)
 
@@ -90,16 +96,14 @@ def torch_threads(args):
 
 
 def torch_train(args) -> dict:
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import train_step  # noqa: PLC0415
+  train_step = sibling("train_step")
   torch_threads(args)
   return train_step.torch_step(train_step.make_parser().parse_args(train_flags(args)))
 
 
 def shape_folder(shape: str) -> pathlib.Path:
   """The shape's config folder; for Flux a copy with a T5 tokenizer (benchmarks/train_step.py's flux_folder)."""
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import train_step  # noqa: PLC0415
+  train_step = sibling("train_step")
   return pathlib.Path(train_step.flux_folder(shape)) if shape in train_step.FLUX_MODELS else SHAPES[shape]
 
 
@@ -123,8 +127,7 @@ def ours_sample(args) -> dict:
 
 
 def torch_sample(args) -> dict:
-  sys.path.insert(0, str(ROOT / "benchmarks"))
-  import sample  # noqa: PLC0415
+  sample = sibling("sample")
   from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
   torch_threads(args)
   model_dir = pathlib.Path(tempfile.mkdtemp()) / args.shape

@@ -110,10 +110,10 @@ def test_xla_attention_equals_jax_nn_forward_and_backward(extra):
   from dreambooth_jax.models import layers
   q, k, v = (jnp.asarray(x) for x in random_qkv(12, 12 if extra == "causal" else 7))
   rng = np.random.default_rng(2)
-  kwargs = {"mask": jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3).at[..., 0].set(True),  # padded keys
-            "causal": {"is_causal": True},
-            "bias_scale": {"bias": jnp.asarray(rng.standard_normal((1, 2, 12, 7)), jnp.float32), "scale": 1.0}}
-  kwargs = {"mask": {"mask": kwargs["mask"]}}.get(extra, kwargs.get(extra, {}))
+  mask = jnp.asarray(rng.random((2, 1, 1, 7)) > 0.3).at[..., 0].set(True)  # padded keys
+  bias = jnp.asarray(rng.standard_normal((1, 2, 12, 7)), jnp.float32)
+  kwargs = {"mask": {"mask": mask}, "causal": {"is_causal": True},
+            "bias_scale": {"bias": bias, "scale": 1.0}}.get(extra, {})
   if extra == "bf16":
     q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
   tol = 2e-2 if extra == "bf16" else 1e-5
