@@ -106,7 +106,8 @@ def random_qkv(t, s, seed=0, dtype=np.float32):
 
 @pytest.mark.parametrize("extra", ["plain", "mask", "causal", "bias_scale", "bf16"])
 def test_xla_attention_equals_jax_nn_forward_and_backward(extra):
-  """Our head-major layout computes jax.nn.dot_product_attention's XLA arithmetic (fp32 logits and softmax)."""
+  """Our head-major layout and written-out gradient compute jax.nn.dot_product_attention's XLA arithmetic (fp32
+  logits and softmax), with every option, forward and backward."""
   from dreambooth_jax.models import layers
   q, k, v = (jnp.asarray(x) for x in random_qkv(12, 12 if extra == "causal" else 7))
   rng = np.random.default_rng(2)
@@ -125,6 +126,10 @@ def test_xla_attention_equals_jax_nn_forward_and_backward(extra):
   reference = jax.grad(loss(jax.nn.dot_product_attention), argnums=(0, 1, 2))(q, k, v)
   for got, expected in zip(ours, reference):
     assert_close(got.astype(jnp.float32), expected.astype(jnp.float32), tol=tol)
+  if extra == "bias_scale":  # the bias's gradient, summed over the batch it was broadcast to
+    bias_loss = lambda f: lambda b: jnp.sum(f(q, k, v, bias=b, scale=1.0) * w)
+    assert_close(jax.grad(bias_loss(layers.xla_attention))(bias),
+                 jax.grad(bias_loss(jax.nn.dot_product_attention))(bias), tol=tol)
 
 
 @pytest.mark.parametrize("s", [77, 1100])  # cross-attention to text; self-attention

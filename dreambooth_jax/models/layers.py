@@ -6,6 +6,7 @@ Module attribute names mirror the PyTorch module names of diffusers/transformers
 """
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -135,28 +136,81 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, imp
 def xla_attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, bias=None,
                   scale: float | None = None):
   """jax.nn.dot_product_attention(implementation="xla")'s arithmetic (fp32 logits and softmax, probabilities cast
-  to the key dtype) with the heads moved next to the batch first, so that both contractions are plain batched
-  matmuls. Why: jax.nn's form (einsum 'BTNH,BSNH->BNTS' under a vmap over head groups) leaves batch dimensions
-  where XLA:CPU's matmul emitter does not take them, and it falls back to a slow loop: 3-4x slower forward and 5-6x
-  slower gradient on Flux's attention shapes (docs/benchmarks.md, "Attention layout"). mask: bool, broadcastable
-  to (B, N, T, S), True = attend; bias: added to the logits, broadcastable to (B, N, T, S)."""
-  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
-               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q_BTNH.dtype))
-  logits_dtype = jnp.promote_types(q_BTNH.dtype, jnp.float32)
+  to the value dtype), in the form XLA:CPU runs fastest (docs/benchmarks.md, "Attention layout" and "Attention
+  gradient"): heads next to the batch, so both contractions are plain batched matmuls (jax.nn's vmapped
+  'BTNH,BSNH->BNTS' falls back to a slow loop: 3-4x slower forward, 5-6x slower gradient on Flux's shapes), and an
+  explicit gradient (_attention_BN). mask: bool, broadcastable to (B, N, T, S), True = attend; bias: added to the
+  logits, broadcastable to (B, N, T, S)."""
+  if is_causal:
+    causal_TS = jnp.tril(jnp.ones((q_BTNH.shape[1], k_BSNH.shape[1]), bool))
+    mask = causal_TS if mask is None else jnp.logical_and(mask, causal_TS)
+  scale = q_BTNH.shape[-1] ** -0.5 if scale is None else float(scale)
   q_BNTH, k_BNSH, v_BNSH = (jnp.swapaxes(a, 1, 2) for a in (q_BTNH, k_BSNH, v_BSNH))
+  return jnp.swapaxes(_attention_BN(q_BNTH, k_BNSH, v_BNSH, bias, mask, scale), 1, 2)
+
+
+def _attention_forward(q_BNTH, k_BNSH, v_BNSH, bias, mask, scale: float):
+  """The output and the fp32 probabilities. The scale goes on the queries (T x H) rather than on the logits
+  (T x S) when that rounds no differently, i.e. in fp32: XLA:CPU materialises the broadcast scalar of a scaled
+  logit matrix as a whole T x S buffer and reads it on every use; bf16/fp16 inputs keep jax.nn's fp32 logit scale."""
+  precision = {jnp.dtype(jnp.bfloat16): jax.lax.DotAlgorithmPreset.BF16_BF16_F32,
+               jnp.dtype(jnp.float16): jax.lax.DotAlgorithmPreset.F16_F16_F32}.get(jnp.dtype(q_BNTH.dtype))
+  logits_dtype = jnp.promote_types(q_BNTH.dtype, jnp.float32)
+  scale_queries = jnp.dtype(q_BNTH.dtype) == jnp.dtype(logits_dtype)
+  if scale_queries:
+    q_BNTH = q_BNTH * jnp.asarray(scale, q_BNTH.dtype)
   logits_BNTS = jnp.einsum("bnth,bnsh->bnts", q_BNTH, k_BNSH, precision=precision,
                            preferred_element_type=logits_dtype)
-  logits_BNTS = logits_BNTS * jnp.asarray(q_BTNH.shape[-1] ** -0.5 if scale is None else scale, logits_dtype)
+  if not scale_queries:
+    logits_BNTS = logits_BNTS * jnp.asarray(scale, logits_dtype)
   if bias is not None:
     logits_BNTS = (logits_BNTS + bias).astype(logits_dtype)
-  if is_causal:
-    T, S = logits_BNTS.shape[-2:]
-    causal_TS = jnp.tril(jnp.ones((T, S), bool))
-    mask = causal_TS if mask is None else jnp.logical_and(mask, causal_TS)
   if mask is not None:
     logits_BNTS = jnp.where(mask, logits_BNTS, jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype))
-  probs_BNTS = jax.nn.softmax(logits_BNTS.astype(jnp.float32), axis=-1).astype(k_BSNH.dtype)
-  return jnp.swapaxes(jnp.einsum("bnts,bnsh->bnth", probs_BNTS, v_BNSH), 1, 2)
+  probs_BNTS = jax.nn.softmax(logits_BNTS.astype(jnp.float32), axis=-1)
+  return jnp.einsum("bnts,bnsh->bnth", probs_BNTS.astype(v_BNSH.dtype), v_BNSH), probs_BNTS
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _attention_BN(q_BNTH, k_BNSH, v_BNSH, bias, mask, scale: float):
+  """Attention on head-major inputs with the softmax gradient written out (FlashAttention's backward): the row
+  term sum_s P*dP is taken as sum_h dO*O on the T x H side. Autodiff instead reduces a T x S product, which
+  XLA:CPU's fused reduction runs up to 10x slower than the matmuls around it (one head: 25 of 37 ms), and it
+  contracts the T x S cotangent over its second-to-last axis, a form XLA:CPU leaves to a slow generic dot; below
+  both transposed products put the small operand first. Same results as autodiff within fp32 rounding."""
+  return _attention_forward(q_BNTH, k_BNSH, v_BNSH, bias, mask, scale)[0]
+
+
+def _attention_BN_fwd(q_BNTH, k_BNSH, v_BNSH, bias, mask, scale):
+  out_BNTH, probs_BNTS = _attention_forward(q_BNTH, k_BNSH, v_BNSH, bias, mask, scale)
+  return out_BNTH, (q_BNTH, k_BNSH, v_BNSH, bias, mask, probs_BNTS, out_BNTH)
+
+
+def _attention_BN_bwd(scale, residuals, dout_BNTH):
+  q_BNTH, k_BNSH, v_BNSH, bias, mask, probs_BNTS, out_BNTH = residuals
+  f32 = jnp.float32
+  row_BNT1 = jnp.sum(dout_BNTH.astype(f32) * out_BNTH.astype(f32), axis=-1, keepdims=True)
+  dprobs_BNTS = jnp.einsum("bnth,bnsh->bnts", dout_BNTH, v_BNSH, preferred_element_type=f32)
+  dlogits_BNTS = probs_BNTS * (dprobs_BNTS - row_BNT1)
+  if mask is not None:
+    dlogits_BNTS = jnp.where(mask, dlogits_BNTS, 0.0)
+  dbias = None if bias is None else _sum_to_shape(dlogits_BNTS, bias.shape).astype(bias.dtype)
+  dqk_BNTS = dlogits_BNTS * jnp.asarray(scale, f32)
+  dq_BNTH = jnp.einsum("bnts,bnsh->bnth", dqk_BNTS, k_BNSH.astype(f32)).astype(q_BNTH.dtype)
+  dk_BNSH = jnp.einsum("bnth,bnts->bnhs", q_BNTH.astype(f32), dqk_BNTS).swapaxes(-1, -2).astype(k_BNSH.dtype)
+  dv_BNSH = jnp.einsum("bnth,bnts->bnhs", dout_BNTH, probs_BNTS.astype(v_BNSH.dtype)).swapaxes(-1, -2)
+  return dq_BNTH, dk_BNSH, dv_BNSH.astype(v_BNSH.dtype), dbias, None
+
+
+_attention_BN.defvjp(_attention_BN_fwd, _attention_BN_bwd)
+
+
+def _sum_to_shape(x, shape):
+  """x summed over the axes that broadcasting a `shape` array to x.shape added or stretched."""
+  lead = x.ndim - len(shape)
+  x = jnp.sum(x, axis=tuple(range(lead))) if lead else x
+  stretched = tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1)
+  return jnp.sum(x, axis=stretched, keepdims=True) if stretched else x
 
 
 def check_attention(implementation: str | None) -> str:
