@@ -195,9 +195,10 @@ def _attention_BN_bwd(scale, residuals, dout_BNTH):
   if mask is not None:
     dlogits_BNTS = jnp.where(mask, dlogits_BNTS, 0.0)
   dbias = None if bias is None else _sum_to_shape(dlogits_BNTS, bias.shape).astype(bias.dtype)
-  dqk_BNTS = dlogits_BNTS * jnp.asarray(scale, f32)
-  dq_BNTH = jnp.einsum("bnts,bnsh->bnth", dqk_BNTS, k_BNSH.astype(f32)).astype(q_BNTH.dtype)
-  dk_BNSH = jnp.einsum("bnth,bnts->bnhs", q_BNTH.astype(f32), dqk_BNTS).swapaxes(-1, -2).astype(k_BNSH.dtype)
+  scale = jnp.asarray(scale, f32)  # on the T x H operands: a scaled T x S matrix would be one more T x S buffer
+  dq_BNTH = jnp.einsum("bnts,bnsh->bnth", dlogits_BNTS, k_BNSH.astype(f32) * scale).astype(q_BNTH.dtype)
+  dk_BNSH = jnp.einsum("bnth,bnts->bnhs", q_BNTH.astype(f32) * scale, dlogits_BNTS)
+  dk_BNSH = dk_BNSH.swapaxes(-1, -2).astype(k_BNSH.dtype)
   dv_BNSH = jnp.einsum("bnth,bnts->bnhs", dout_BNTH, probs_BNTS.astype(v_BNSH.dtype)).swapaxes(-1, -2)
   return dq_BNTH, dk_BNSH, dv_BNSH.astype(v_BNSH.dtype), dbias, None
 
