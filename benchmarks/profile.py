@@ -119,6 +119,17 @@ def op_events(trace_dir: str) -> list:
   return [e for e in events if e.get("ph") == "X" and not e["name"].startswith(NOT_OPS)]
 
 
+def idle_us(events: list) -> float:
+  """Time inside the traced span with no op running (dispatch, loop control, waiting; includes the host's gaps
+  between calls)."""
+  spans, idle, end = sorted((e["ts"], e["ts"] + e["dur"]) for e in events), 0.0, None
+  for start, stop in spans:
+    if end is not None and start > end:
+      idle += start - end
+    end = stop if end is None else max(end, stop)
+  return idle
+
+
 def summarize(events: list, ops: dict, calls: int, top: int) -> dict:
   by_kind, by_line, by_op = collections.Counter(), collections.Counter(), collections.Counter()
   for e in events:
@@ -128,7 +139,7 @@ def summarize(events: list, ops: dict, calls: int, top: int) -> dict:
     by_op[e["name"]] += e["dur"]
   total = sum(by_kind.values())
   per_call = lambda us: round(us / 1e3 / calls, 2)
-  return {"op_ms_per_call": per_call(total),
+  return {"op_ms_per_call": per_call(total), "no_op_running_ms_per_call": per_call(idle_us(events)),
           "by_kind": [(k, per_call(v), round(100 * v / total, 1)) for k, v in by_kind.most_common()],
           "by_line": [(k, per_call(v)) for k, v in by_line.most_common(top)],
           "by_op": [(per_call(v), ops.get(n, ("", "", n))[2][:200]) for n, v in by_op.most_common(top)]}
@@ -190,7 +201,8 @@ def main():
     print(json.dumps(result))
     return
   print(f"{args.what} {args.model}: {result['wall_ms_per_call_untraced']} ms per call untraced; "
-        f"op time {result['op_ms_per_call']} ms per call (traced)")
+        f"op time {result['op_ms_per_call']} ms per call (traced), no op running "
+        f"{result['no_op_running_ms_per_call']} ms per call")
   for title, rows in (("kind", result["by_kind"]), ("kind, our line", result["by_line"]), ("op", result["by_op"])):
     print(f"\nms per call by {title}:")
     for row in rows:
