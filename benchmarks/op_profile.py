@@ -2,13 +2,15 @@
 shape, each traced op joined with XLA's optimized HLO (dumped with --xla_dump_to) and summed by what the op does
 and by the line of our code it came from (the HLO's stack frames).
 
-  python benchmarks/profile.py --what=train --model=diffusers-test        # 1 + 1 examples, 64 px, fp32
-  python benchmarks/profile.py --what=sample --model=sdxl-tiny --top=30
+  python benchmarks/op_profile.py --what=train --model=diffusers-test        # 1 + 1 examples, 64 px, fp32
+  python benchmarks/op_profile.py --what=sample --model=sdxl-tiny --top=30
 
 Kinds: "convolution" and "matmul" (an op, or a fusion around one), "reduction" (a fusion around a reduce), "copy"
-(transposes and layout copies), "elementwise" (other fusions), else the HLO opcode. Per-op events come from
-XLA:CPU's thunk executor and GPU's kernel tracks alike; op time can exceed wall time where two ops overlap. Figures
-and what they taught us: docs/benchmarks.md, "Profile".
+(transposes and layout copies), "elementwise" (other fusions), else the HLO opcode. Built for XLA:CPU, whose thunk
+executor names each traced op after its HLO instruction (a GPU's kernel events carry kernel names, which land in
+"(runtime)"); op time can exceed wall time where two ops overlap. Figures and what they taught us:
+docs/benchmarks.md, "Profile". (Not named profile.py: benchmarks/ is on sys.path when a script here
+runs, and torch imports the standard library's `profile`.)
 """
 
 import argparse
