@@ -25,10 +25,7 @@ import sys
 import tempfile
 import time
 
-DUMP = tempfile.mkdtemp(prefix="xla-dump-")
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={DUMP} --xla_dump_hlo_as_text".strip()
-
-import jax  # noqa: E402  (after XLA_FLAGS: the dump is set up when the backend starts)
+import jax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import matrix  # noqa: E402
@@ -186,6 +183,8 @@ def main():
   p.add_argument("--top", type=int, default=15, help="rows of the per-line and per-op tables")
   p.add_argument("--json", action="store_true", help="one JSON line instead of tables")
   args = p.parse_args()
+  dump = tempfile.mkdtemp(prefix="xla-dump-")  # read when the backend starts, i.e. at the first jax call below
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} --xla_dump_hlo_as_text".strip()
   call = (train_call if args.what == "train" else sample_call)(args)
   for _ in range(3):
     jax.block_until_ready(call())
@@ -198,7 +197,7 @@ def main():
     for _ in range(args.calls):
       jax.block_until_ready(call())
   result = {"what": args.what, "model": args.model, "wall_ms_per_call_untraced": round(wall_ms, 2),
-            **summarize(op_events(trace_dir), hlo_ops(DUMP), args.calls, args.top)}
+            **summarize(op_events(trace_dir), hlo_ops(dump), args.calls, args.top)}
   if args.json:
     print(json.dumps(result))
     return
