@@ -145,8 +145,8 @@ def attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, imp
 def xla_attention(q_BTNH, k_BSNH, v_BSNH, *, mask=None, is_causal: bool = False, bias=None,
                   scale: float | None = None):
   """jax.nn.dot_product_attention(implementation="xla")'s arithmetic (fp32 logits and softmax, probabilities cast
-  to the value dtype), in the form XLA:CPU runs fastest (docs/benchmarks.md, "Attention layout" and "Attention
-  gradient"): heads next to the batch, so both contractions are plain batched matmuls (jax.nn's vmapped
+  to the value dtype), in the form XLA:CPU runs fastest (docs/benchmarks.md, "Attention layout" and "Profile"):
+  heads next to the batch, so both contractions are plain batched matmuls (jax.nn's vmapped
   'BTNH,BSNH->BNTS' falls back to a slow loop: 3-4x slower forward, 5-6x slower gradient on Flux's shapes), and an
   explicit gradient (_attention_BN). mask: bool, broadcastable to (B, N, T, S), True = attend; bias: added to the
   logits, broadcastable to (B, N, T, S)."""
