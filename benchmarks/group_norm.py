@@ -1,6 +1,5 @@
-"""One GroupNorm + SiLU call, ours (models/layers.py GroupNorm: shifted one-pass statistics, each mean taken as two
-reductions) vs nnx.GroupNorm's two-pass and one-pass variance, forward and gradient, jitted, fp32, on the backend
-jax finds. Shapes: (batch, height, width, channels), 32 groups; inputs with mean 3 and std 1.
+"""One GroupNorm + SiLU call, ours (models/layers.py GroupNorm: shifted one-pass statistics) vs nnx.GroupNorm's
+two-pass and one-pass variance, forward and gradient, jitted, fp32, on the backend jax finds. Shapes: (batch, height, width, channels), 32 groups; inputs with mean 3 and std 1.
 
   python benchmarks/group_norm.py
   python benchmarks/group_norm.py --shapes=8,32,32,64
