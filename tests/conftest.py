@@ -40,10 +40,11 @@ def tiny_flux_dir(tmp_path_factory):
 # one worker, and xdist hands out files in collection order (pyproject: --no-loadscope-reorder; its default order is
 # by test count, which left these few-test files for last, one worker running alone at the end). Longest first
 # keeps both workers busy to the end; the other files follow in their usual order.
-LONGEST_FIRST = ("test_sharding.py", "test_golden_step.py", "test_sampling.py", "test_train.py",
-                 "test_single_file_io.py", "test_concepts.py", "test_sdxl.py", "test_buckets.py", "test_flux_train.py",
-                 "test_plan.py", "test_train_lora.py", "test_models.py", "test_masked_loss.py", "test_models_sdxl.py",
-                 "test_weights.py", "test_cli_errors.py", "test_schedulers.py", "test_eval_metrics.py", "test_lora.py")
+LONGEST_FIRST = ("test_sharding.py", "test_sdxl.py", "test_golden_step.py", "test_golden_equalities.py",
+                 "test_train.py", "test_sampling.py", "test_concepts.py", "test_single_file_io.py", "test_buckets.py",
+                 "test_plan.py", "test_flux_train.py", "test_train_lora.py", "test_models.py", "test_masked_loss.py",
+                 "test_models_sdxl.py", "test_weights.py", "test_cli_errors.py", "test_schedulers.py",
+                 "test_eval_metrics.py", "test_lora.py")
 
 
 def pytest_collection_modifyitems(config, items):

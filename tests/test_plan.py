@@ -12,10 +12,6 @@ from dreambooth_jax.data import batches as train_data
 from dreambooth_jax.io import diffusers_folder as weights
 
 
-def dry(*overrides):
-  return run.dry_run(fast_config("with_prior_preservation=False", *overrides))
-
-
 def test_batch_spec_matches_real_batches(tmp_path):
   config = fast_config("with_prior_preservation=False", "gradient_accumulation_steps=2")
   sd = weights.random_pipeline()
@@ -28,13 +24,15 @@ def test_batch_spec_matches_real_batches(tmp_path):
 
 
 def test_plan_counts_the_trained_bytes_and_levers_shrink_them():
-  base = dry()
+  # the tiny run's step (class images as the prior): test_run_refuses_a_config_that_cannot_fit compiles the same
+  # step, from the persistent cache
+  base = run.dry_run(fast_config())
   unet_bytes = sum(v.nbytes for v in weights.module_state_dict(weights.random_pipeline().unet).values())
   assert base.memory.params == unet_bytes  # fp32 master copy of the whole UNet on one device
   assert base.memory.optimizer >= 2 * unet_bytes  # Adam's two moments
   assert base.memory.temporaries > 0 and base.memory.peak > base.memory.params + base.memory.optimizer
-  low = dry("optimizer_moments_bf16=True", "param_dtype=bfloat16", "use_ema=True", "with_prior_preservation=True",
-            "prior_preservation=base_output")
+  low = run.dry_run(fast_config("optimizer_moments_bf16=True", "param_dtype=bfloat16", "use_ema=True",
+                                "prior_preservation=base_output"))
   assert low.memory.params == unet_bytes // 2 and low.memory.optimizer < 0.6 * base.memory.optimizer
   assert low.memory.ema == unet_bytes and base.memory.ema == 0  # the EMA stays float32
   assert base.memory.frozen < unet_bytes // 2 <= low.memory.frozen  # base_output: a frozen (bf16) copy of the UNet

@@ -4,6 +4,7 @@ resume identically, bad input, export to diffusers-torch. (Sharded steps vs 1 de
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,35 +117,50 @@ def wait_for(proc, condition, what: str, timeout: float = 400):
   assert proc.poll() is None, f"the run ended before {what}"
 
 
-def test_sigterm_and_kill_9_then_resume_give_identical_losses(full_run, tmp_path):
-  """Preempted (SIGTERM: checkpoint, exit 143), resumed, killed hard (kill -9), resumed again: step for step the
-  losses of the uninterrupted run, bitwise on CPU. (Checkpoints every step here, which changes nothing in the
-  losses and leaves a wide window to interrupt in; no validation images or export, which come after the last step
-  and are tested on full_run.)"""
+# The interrupted runs' command: checkpoints every step (changes nothing in the losses, leaves a wide window to
+# interrupt in); no validation images or export, which come after the last step and are tested on full_run.
+INTERRUPTED = ("checkpointing_steps=1", "validation_steps=0", "export_at_end=False")
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+  """The run of test_sigterm_and_kill_9_then_resume_give_identical_losses: preempted (SIGTERM) after step 5,
+  resumed, killed hard (kill -9), resumed again to the end. Its finished workdir (checkpoints 29 and 30) is also
+  the start of test_damaged_latest_checkpoint_is_set_aside_and_run_resumes_from_previous."""
+  tmp_path = tmp_path_factory.mktemp("interrupted")
   workdir = tmp_path / "run"
-  command = train_command(workdir, "checkpointing_steps=1", "validation_steps=0", "export_at_end=False")
+  command = train_command(workdir, *INTERRUPTED)
   log = tmp_path / "first.log"
   with open(log, "w") as stderr_file:  # a file, not a pipe: a full pipe would block the run
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr_file)
     wait_for(proc, lambda: last_logged_step(workdir) >= 5, "SIGTERM")
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
-  stderr = log.read_text()
-  assert proc.returncode == 143, stderr[-3000:]
-  preempted = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert 5 <= preempted < 30 and "SIGTERM received" in stderr
+  sigterm = {"returncode": proc.returncode, "stderr": log.read_text(),
+             "preempted": max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())}
 
   proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  wait_for(proc, lambda: last_logged_step(workdir) >= max(preempted + 3, 15), "kill -9")
+  wait_for(proc, lambda: last_logged_step(workdir) >= max(sigterm["preempted"] + 3, 15), "kill -9")
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   killed_at = max(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-  assert killed_at > preempted
 
-  result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+  resumed = subprocess.run(command, capture_output=True, text=True, timeout=400)
+  return {"workdir": workdir, "sigterm": sigterm, "killed_at": killed_at, "resumed": resumed}
+
+
+def test_sigterm_and_kill_9_then_resume_give_identical_losses(full_run, interrupted_run):
+  """Preempted (SIGTERM: checkpoint, exit 143), resumed, killed hard (kill -9), resumed again: step for step the
+  losses of the uninterrupted run, bitwise on CPU."""
+  sigterm = interrupted_run["sigterm"]
+  assert sigterm["returncode"] == 143, sigterm["stderr"][-3000:]
+  assert 5 <= sigterm["preempted"] < 30 and "SIGTERM received" in sigterm["stderr"]
+  killed_at = interrupted_run["killed_at"]
+  assert killed_at > sigterm["preempted"]
+  result = interrupted_run["resumed"]
   assert result.returncode == 0, result.stderr[-3000:]
   assert f"resumed from step {killed_at}" in result.stderr
-  resumed, reference = read_losses(workdir), read_losses(full_run)
+  resumed, reference = read_losses(interrupted_run["workdir"]), read_losses(full_run)
   assert sorted(resumed) == sorted(reference)
   for step in reference:  # bitwise on CPU
     assert resumed[step] == reference[step], f"step {step}: {resumed[step]} != {reference[step]}"
@@ -199,28 +215,36 @@ def test_interrupted_class_generation_resumes_identically(tmp_path):
   assert prior.ensure_class_images(sd, second, "a dog", 5, seed=1, settings=settings, batch_size=2) == 0
 
 
-def test_damaged_latest_checkpoint_is_set_aside_and_run_resumes_from_previous(full_run, tmp_path):
-  """Checkpoint 12's data files truncated (a partial copy, a full disk): the next run warns naming 12, renames it
-  (kept, no longer listed), resumes from 8, and its losses for steps 9..16 equal the uninterrupted run's (bitwise
-  on CPU; checkpointing every 4 instead of 10 changes nothing in the losses)."""
+def test_damaged_latest_checkpoint_is_set_aside_and_run_resumes_from_previous(full_run, interrupted_run, tmp_path):
+  """A copy of the finished interrupted run (checkpoints 29 and 30) with checkpoint 30's data files truncated (a
+  partial copy, a full disk): the rerun warns naming 30, renames it (kept, no longer listed), resumes from 29, and
+  its loss for step 30 and the weights it saves after it equal the uninterrupted run's (bitwise on CPU)."""
+  assert interrupted_run["resumed"].returncode == 0, interrupted_run["resumed"].stderr[-3000:]
   workdir = tmp_path / "run"
-  common = ("checkpointing_steps=4", "validation_steps=0", "export_at_end=False")
-  result = subprocess.run(train_command(workdir, *common, "max_train_steps=12"), capture_output=True, text=True,
-                          timeout=400)
-  assert result.returncode == 0, result.stderr[-3000:]
-  data_files = [p for p in (workdir / "checkpoints" / "12").rglob("*")
+  shutil.copytree(interrupted_run["workdir"], workdir)
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["29", "30"]
+  data_files = [p for p in (workdir / "checkpoints" / "30").rglob("*")
                 if p.is_file() and p.parent.name == "d" and p.stat().st_size > 0]
-  assert data_files, sorted(str(p) for p in (workdir / "checkpoints" / "12").rglob("*"))
+  assert data_files, sorted(str(p) for p in (workdir / "checkpoints" / "30").rglob("*"))
   for path in data_files:
     path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
-  result = subprocess.run(train_command(workdir, *common, "max_train_steps=16"), capture_output=True, text=True,
-                          timeout=400)
+  logged_30 = [r for r in step_records(workdir) if r.get("step") == 30 and "loss" in r]
+  result = subprocess.run(train_command(workdir, *INTERRUPTED), capture_output=True, text=True, timeout=400)
   assert result.returncode == 0, result.stderr[-3000:]
   warnings = [line for line in result.stderr.splitlines() if "cannot be restored" in line]
-  assert len(warnings) == 1 and "[12]" in warnings[0], warnings
-  assert "resumed from step 8" in result.stderr
+  assert len(warnings) == 1 and "[30]" in warnings[0], warnings
+  assert "resumed from step 29" in result.stderr
   names = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-  assert "12.damaged-1" in names and "16" in names, names
-  resumed, reference = read_losses(workdir), read_losses(full_run)
-  for step in range(9, 17):
-    assert resumed[step] == reference[step], f"step {step}: {resumed[step]} != {reference[step]}"
+  assert "30.damaged-1" in names and "30" in names, names
+  rerun_30 = [r for r in step_records(workdir) if r.get("step") == 30 and "loss" in r][len(logged_30):]
+  assert len(rerun_30) == 1, rerun_30  # step 30 trained again, from checkpoint 29
+  assert rerun_30[0]["loss"] == read_losses(full_run)[30], (rerun_30[0]["loss"], read_losses(full_run)[30])
+  # Step 30's update read the optimizer state restored from 29: its result, the new checkpoint 30's weights, equals
+  # the uninterrupted run's checkpoint 30, bitwise.
+  from dreambooth_jax.io import diffusers_folder
+  from dreambooth_jax.training import run_state
+  again, reference = (diffusers_folder.module_state_dict(run_state.load_run(run, 30)[1].unet)
+                      for run in (workdir, full_run))
+  assert again.keys() == reference.keys()
+  for name, value in reference.items():
+    np.testing.assert_array_equal(again[name], value, err_msg=name)
