@@ -5,7 +5,9 @@ import tempfile
 # CLI runs, the kill -9 resume, the fake-device meshes): the same tiny train step and sampler are compiled once
 # instead of in every process. Cached executables are the same code, so results stay bitwise identical.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="dreambooth-jax-xla-cache-"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+# Every program, however quick to compile (the product's own default): the random init's many small programs cost a
+# CLI subprocess 14 s with a 0.5 s threshold and 5 s with none, warm (tiny model).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
 
