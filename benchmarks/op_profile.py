@@ -145,10 +145,9 @@ def summarize(events: list, ops: dict, calls: int, top: int) -> dict:
 
 
 def train_call(args):
-  """The whole DreamBooth step of benchmarks/train_step.py (1 + 1 examples, fp32 full fine-tune, no remat)."""
-  flags = train_step.make_parser().parse_args([f"--model={args.model}", f"--resolution={args.resolution}",
-                                               "--batch=1", "--prior", "--mixed_precision=no", "--remat=none",
-                                               "--lora=0", "--param_dtype=float32", "--no_compile_cache"])
+  """The whole DreamBooth step as matrix.py's train cells run it (1 + 1 examples, fp32 full fine-tune, no remat)."""
+  cell = argparse.Namespace(shape=args.model, resolution=args.resolution, train_steps=1, warmup=0)
+  flags = train_step.make_parser().parse_args([*matrix.train_flags(cell), "--no_compile_cache"])
   from dreambooth_jax import sharding  # noqa: PLC0415
   from dreambooth_jax.training import run  # noqa: PLC0415
   job = run.setup(train_step.make_config(flags), pathlib.Path(tempfile.mkdtemp()) / "run",
