@@ -229,3 +229,32 @@ def test_group_norm_matches_torch_when_the_mean_dwarfs_the_spread(offset):
   grad = lambda module: jax.grad(lambda x: jnp.sum(module(x) ** 3))(jnp.asarray(x_BHWC))
   ours, reference = grad(norm), grad(two_pass)
   np.testing.assert_allclose(ours, reference, rtol=0, atol=1e-4 * float(jnp.abs(reference).max()))
+
+
+@pytest.mark.parametrize("hw, stride, padding", [((2, 2), 1, 1), ((1, 1), 1, 1), ((2, 2), 2, 1), ((1, 3), 1, 1),
+                                                 ((4, 4), 1, 1)])
+def test_conv_on_a_map_smaller_than_its_window_is_a_matmul_with_the_convolutions_result(hw, stride, padding):
+  """Layers.conv computes maps smaller than the 3 x 3 window as a matmul (XLA:CPU's operand-swapped convolution
+  is ~10x slower there) with torch's Conv2d result and lax's gradients; maps as large as the window stay one
+  convolution."""
+  from dreambooth_jax.models.layers import Layers
+  conv = Layers(nnx.Rngs(0)).conv(5, 7, stride=stride, padding=padding)
+  rng = np.random.default_rng(0)
+  conv.bias[...] = jnp.asarray(rng.standard_normal(7), jnp.float32)
+  x_BHWC = jnp.asarray(rng.standard_normal((3, *hw, 5)), jnp.float32)
+  reference = torch.nn.functional.conv2d(torch.from_numpy(np.array(x_BHWC)).permute(0, 3, 1, 2),
+                                         torch.from_numpy(np.array(conv.kernel[...])).permute(3, 2, 0, 1),
+                                         torch.from_numpy(np.array(conv.bias[...])), stride=stride, padding=padding)
+  assert_close(conv(x_BHWC), reference.permute(0, 2, 3, 1).numpy(), tol=1e-5)
+
+  def lax_conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + conv.bias[...]
+  w = jnp.asarray(rng.standard_normal(reference.permute(0, 2, 3, 1).shape), jnp.float32)
+  dmodule, dx = nnx.grad(lambda module, x: jnp.sum(module(x) * w), argnums=(0, 1))(conv, x_BHWC)
+  expected = jax.grad(lambda x, k: jnp.sum(lax_conv(x, k) * w), (0, 1))(x_BHWC, conv.kernel[...])
+  for got, want in zip((dx, dmodule["kernel"][...]), expected):
+    assert_close(got, want, tol=1e-5)
+  hlo = jax.jit(conv).lower(x_BHWC).as_text()
+  assert ("convolution" in hlo) == (hw[0] * hw[1] >= 9), hlo
+

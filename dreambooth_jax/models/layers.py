@@ -7,6 +7,8 @@ Module attribute names mirror the PyTorch module names of diffusers/transformers
 
 import dataclasses
 import functools
+import itertools
+import math
 from typing import Any
 
 import jax
@@ -31,7 +33,7 @@ class Layers:
     padding = kernel // 2 if padding is None else padding
     return nnx.Conv(features_in, features_out, kernel_size=(kernel, kernel), strides=(stride, stride),
                     padding=((padding, padding), (padding, padding)), dtype=self.dtype,
-                    param_dtype=self.param_dtype, rngs=self.rngs)
+                    param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated, rngs=self.rngs)
 
   def group_norm(self, channels: int, groups: int, eps: float) -> "GroupNorm":
     return GroupNorm(channels, num_groups=groups, epsilon=eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -46,6 +48,51 @@ class Layers:
 
   def embed(self, count: int, dim: int) -> nnx.Embed:
     return nnx.Embed(count, dim, dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.rngs)
+
+
+def conv_general_dilated(lhs_NHWC, rhs_HWIO, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+  """jax.lax.conv_general_dilated for nnx.Conv (channels last), except on feature maps smaller than the window.
+
+  Why: XLA's CPU compiler swaps a convolution's operands when the input's spatial area is smaller than the kernel's
+  (the algebraic simplifier's operand swap; XLA:GPU turns it off), and the swapped convolution (the kernel as
+  input, the batch as features) runs below 1 GFLOP/s: a 3 x 3 convolution over SD 1.5's 2 x 2 level took 6-13 ms of
+  a 64 px sampler step where the same work as a matmul takes 0.2 ms (docs/benchmarks.md, "Small feature maps").
+  There the convolution is computed as one matmul over the window's taps (im2col), leaving out taps that only ever
+  see padding. Same result within fp32 rounding, forward and backward; feature maps at least as large as the
+  window (every SD level at 256 px and above) take lax's convolution unchanged.
+  """
+  spatial, window = lhs_NHWC.shape[1:-1], rhs_HWIO.shape[:-2]
+  n = lhs_NHWC.ndim  # nnx.Conv's channels-last dimension numbers (flax.nnx.nn.linear._conv_dimension_numbers)
+  channels_last = jax.lax.ConvDimensionNumbers((0, n - 1, *range(1, n - 1)), (n - 1, n - 2, *range(n - 2)),
+                                               (0, n - 1, *range(1, n - 1)))
+  plain = (feature_group_count == 1 and not isinstance(padding, str) and dimension_numbers == channels_last
+           and all(lo >= 0 and hi >= 0 for lo, hi in padding) and kwargs.get("out_sharding") is None
+           and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+  if not plain or math.prod(spatial) >= math.prod(window):
+    return jax.lax.conv_general_dilated(lhs_NHWC, rhs_HWIO, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision, **kwargs)
+  return _conv_as_matmul(lhs_NHWC, rhs_HWIO, tuple(window_strides), tuple(map(tuple, padding)), precision,
+                         kwargs.get("preferred_element_type"))
+
+
+def _conv_as_matmul(x_NHWC, kernel_HWIO, strides, padding, precision, preferred_element_type):
+  """The convolution as (the window's taps of x, concatenated over channels) @ (the kernel's matching rows)."""
+  sizes = x_NHWC.shape[1:-1]
+  window = kernel_HWIO.shape[:-2]
+  out_sizes = [(size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(sizes, padding, window, strides)]
+  # A tap that lands in the padding at every output position multiplies zeros only: left out, with its kernel rows.
+  taps_per_dim = [[t for t in range(k) if any(lo <= t + s * o < lo + size for o in range(n))]
+                  for size, (lo, _), k, s, n in zip(sizes, padding, window, strides, out_sizes)]
+  taps = list(itertools.product(*taps_per_dim))
+  x_NHWC = jnp.pad(x_NHWC, ((0, 0), *padding, (0, 0)))
+  columns = [x_NHWC[(slice(None), *(slice(t, t + s * (n - 1) + 1, s) for t, s, n in zip(tap, strides, out_sizes)))]
+             for tap in taps]
+  cols_NHWK = jnp.concatenate(columns, axis=-1) if len(columns) > 1 else columns[0]
+  kernel_KO = jnp.concatenate([kernel_HWIO[tap] for tap in taps], axis=0)
+  return jax.lax.dot_general(cols_NHWK, kernel_KO, (((cols_NHWK.ndim - 1,), (0,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 class GroupNorm(nnx.GroupNorm):
