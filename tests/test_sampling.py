@@ -75,6 +75,20 @@ def test_images_depend_on_index_not_batch(tiny_sd1_dir):
   np.testing.assert_array_equal(together, alone)
 
 
+def test_a_split_reused_across_calls_sees_weights_updated_in_place(tiny_sd1_dir):
+  """generate_all splits the modules once for all its batches: a reused split holds the modules' own Variables, so
+  a weight updated in place between calls (as training does) reaches the next batch."""
+  sd = weights.load_pipeline(tiny_sd1_dir)
+  settings = sampling.SamplerSettings(steps=2, guidance=3.0, height=32, width=32)
+  split = sampling.split_modules(sd)
+  before = np.asarray(sampling.generate(sd, ["a"], [0], settings=settings, split=split))
+  sd.denoiser.conv_out.bias[...] = sd.denoiser.conv_out.bias[...] + 0.5
+  reused = np.asarray(sampling.generate(sd, ["a"], [0], settings=settings, split=split))
+  fresh = np.asarray(sampling.generate(sd, ["a"], [0], settings=settings))
+  assert np.abs(reused - before).max() > 1e-3
+  np.testing.assert_array_equal(reused, fresh)
+
+
 def test_sample_cli_writes_images_and_index(tiny_sd1_dir, tmp_path):
   np.save(tmp_path / "z.npy", np.zeros((2, 4, 16, 16), np.float32))
   out = tmp_path / "out"
