@@ -109,3 +109,35 @@ def test_sample_cli_writes_images_and_index(tiny_sd1_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   index = json.loads((tmp_path / "out2" / "index.json").read_text())
   assert [e["prompt"] for e in index["images"]] == ["first prompt", "second prompt"]
+
+
+def test_sampler_programs_leave_convolutions_to_xla_on_cpu(monkeypatch):
+  """On XLA:CPU the sampler's programs compile without YNNPACK's one-threaded convolutions (its matmul fusions
+  stay), with the same results; an XLA that rejects the option compiles with its defaults instead of failing."""
+  import jax
+  import jax.numpy as jnp
+  from dreambooth_jax.sampling import compiler_options
+
+  def conv_and_matmul(x_BHWC, kernel_HWIO, a, b):
+    y = jax.lax.conv_general_dilated(x_BHWC, kernel_HWIO, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jnp.tanh(y), a @ b
+  rng = np.random.default_rng(0)
+  args = [jnp.asarray(rng.standard_normal(shape) / np.sqrt(fan_in), jnp.float32)  # outputs of order 1
+          for shape, fan_in in [((2, 16, 16, 32), 1), ((3, 3, 32, 32), 288), ((64, 64), 1), ((64, 64), 64)]]
+
+  def ynn_fusions(jitted):  # the op each YNNPACK fusion was made from
+    text = jitted.lower(*args).compile().as_text()
+    return sorted(line.split('op_name="')[1].split('"')[0].split("/")[-1] for line in text.splitlines()
+                  if "__ynn_fusion" in line and " fusion(" in line)
+  assert ynn_fusions(jax.jit(conv_and_matmul)) == ["conv_general_dilated", "dot_general"]
+  options = compiler_options.sampler_options()
+  assert options, "this jaxlib's XLA:CPU should take the sampler's options"
+  assert ynn_fusions(jax.jit(conv_and_matmul, compiler_options=dict(options))) == ["dot_general"]
+  for got, want in zip(compiler_options.jit()(conv_and_matmul)(*args), jax.jit(conv_and_matmul)(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  compiler_options.sampler_options.cache_clear()
+  monkeypatch.setattr(compiler_options, "CPU_SAMPLER_OPTIONS", {"xla_cpu_experimental_ynn_fusion_type": "NO_SUCH"})
+  try:
+    assert compiler_options.sampler_options() == ()
+  finally:
+    compiler_options.sampler_options.cache_clear()

@@ -8,7 +8,6 @@ Initial latents come from per-image keys, so image i of seed s is the same whate
 """
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Iterator, Sequence
@@ -19,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dreambooth_jax import sharding as sharding_lib
-from dreambooth_jax.sampling import flow_matching, schedulers
+from dreambooth_jax.sampling import compiler_options, flow_matching, schedulers
 
 
 # fori: lax.fori_loop in one compiled function | unrolled: every step traced into it | host: a compiled step driven
@@ -110,7 +109,7 @@ def _merge(graphdefs, states) -> dict:
   return {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
 
 
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded", "loop"))
+@compiler_options.jit(static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded", "loop"))
 def _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, keys_B, *,
               cfg_scale, zero_uncond, encoded=False, loop="fori"):
   """The whole generation in one compiled function. graphdefs/states: ((name, graphdef), ...) and the matching
@@ -133,7 +132,7 @@ def _generate(family, graphdefs, states, plan, cond, uncond, image_cond, latents
 
 
 # loop="host": the same parts, each its own compiled function, the steps driven from Python (one dispatch a step)
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded"))
+@compiler_options.jit(static_argnames=("family", "graphdefs", "cfg_scale", "zero_uncond", "encoded"))
 def _host_begin(family, graphdefs, states, plan, cond, uncond, image_cond, latents_BHWC, *, cfg_scale, zero_uncond,
                 encoded):
   text, image_cond = _conditioning(family, _merge(graphdefs, states), cond, uncond, image_cond,
@@ -141,13 +140,13 @@ def _host_begin(family, graphdefs, states, plan, cond, uncond, image_cond, laten
   return text, image_cond, _start(family, plan, latents_BHWC)
 
 
-@functools.partial(jax.jit, static_argnames=("family", "graphdefs", "cfg_scale"), donate_argnames=("x_and_carry",))
+@compiler_options.jit(static_argnames=("family", "graphdefs", "cfg_scale"), donate_argnames=("x_and_carry",))
 def _host_step(family, graphdefs, states, plan, text, image_cond, keys_B, i, x_and_carry, *, cfg_scale):
   return _denoise_step(family, _merge(graphdefs, states), plan, text, image_cond, keys_B, i, *x_and_carry,
                        cfg_scale=cfg_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdefs",))
+@compiler_options.jit(static_argnames=("graphdefs",))
 def _host_end(graphdefs, states, latents_BHWC):
   return _decode(_merge(graphdefs, states), latents_BHWC)
 
