@@ -108,24 +108,16 @@ def shape_folder(shape: str) -> pathlib.Path:
 
 
 def ours_sample(args) -> dict:
+  sample = sibling("sample")
   from dreambooth_jax.io import diffusers_folder as weights  # noqa: PLC0415
   from dreambooth_jax.sampling import sampler  # noqa: PLC0415
   pipe = weights.random_pipeline(shape_folder(args.shape))
-  prompts = ["a photo of sks dog"] * args.sample_batch
   settings = sampler.SamplerSettings(steps=args.sample_steps, guidance=pipe.family.DEFAULT_GUIDANCE,
                                      height=args.resolution, width=args.resolution)
-  # generate_all, as the product samples (CLI, class images, evaluation): --repeats batches of --sample_batch,
-  # uint8 images on the host at the end, as torch's pipeline returns them.
-  generate = lambda seed, repeats: sum(len(images) for _, images in sampler.generate_all(
-      pipe, prompts * repeats, seed=seed, batch_size=args.sample_batch, settings=settings))
-  t0 = time.perf_counter()
-  generate(0, 1)
-  first = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  count = generate(1, args.repeats)
-  return {"images_per_s": count / (time.perf_counter() - t0),
-          "first_call_incl_compile_s": first, "loop": settings.loop or sampler.DEFAULT_LOOP,
-          "guidance": settings.guidance}
+  images_per_s, first = sample.ours_images_per_s(pipe, ["a photo of sks dog"] * args.sample_batch, settings,
+                                                 args.repeats)
+  return {"images_per_s": images_per_s, "first_call_incl_compile_s": first,
+          "loop": settings.loop or sampler.DEFAULT_LOOP, "guidance": settings.guidance}
 
 
 def torch_sample(args) -> dict:

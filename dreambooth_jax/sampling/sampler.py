@@ -177,7 +177,7 @@ def generate(pipe, prompts: Sequence[str], indices: Sequence[int], *, seed: int 
   """
   family = pipe.family
   settings = settings.for_family(family)
-  modules = {**pipe.modules, family.DENOISER: pipe.denoiser if denoiser is None else denoiser}
+  modules = _modules(pipe, denoiser)
   batch = len(prompts)
   if isinstance(negative_prompt, str):
     negative_prompt = [negative_prompt] * batch
@@ -225,11 +225,15 @@ def split_modules(pipe, denoiser=None) -> tuple[tuple, tuple]:
   sampler call on 2 CPU cores), so generate_all splits once for all its batches. The states hold the modules' own
   Variables, so values updated in place are seen by later calls; a module rebuilt or a submodule replaced needs a
   new split."""
-  family = pipe.family
-  modules = {**pipe.modules, family.DENOISER: pipe.denoiser if denoiser is None else denoiser}
+  family, modules = pipe.family, _modules(pipe, denoiser)
   split = {name: nnx.split(modules[name]) for name in (family.DENOISER, "vae", *family.TEXT_ENCODERS)
            if modules[name] is not None}
   return tuple((name, graphdef) for name, (graphdef, _) in split.items()), tuple(state for _, state in split.values())
+
+
+def _modules(pipe, denoiser=None) -> dict:
+  """The pipeline's modules by name, `denoiser` (when given) in place of its own."""
+  return {**pipe.modules, pipe.family.DENOISER: pipe.denoiser if denoiser is None else denoiser}
 
 
 def cached_text(pipe, prompts: Sequence[str]) -> dict:
