@@ -20,6 +20,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = str(ROOT / "tests")
 
 
+def fake_devices(n: int) -> str:
+  """XLA_FLAGS for a subprocess with n CPU devices, keeping the suite's own flags (conftest.py)."""
+  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
+
+
 def test_make_mesh_sizes_and_errors():
   devices = jax.devices()[:1]
   mesh = sharding.make_mesh(-1, 1, devices=devices)
@@ -77,7 +82,7 @@ def test_three_steps_on_8_devices_equal_1_device(meshes):
   """3 train steps on 8 fake CPU devices (data x fsdp = 2x4, 8x1 and 1x8) equal the 1-device run.
   Tolerance: losses rtol 1e-5; parameter |.| sums rtol 1e-5 + atol 1e-5 (reduction order differs between
   shardings, and Adam normalises near-zero gradients, which amplifies that rounding noise)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=fake_devices(8), JAX_PLATFORMS="cpu")
   script = MESH_STEPS.format(tests=TESTS, meshes=meshes)
   result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
@@ -129,12 +134,12 @@ def test_two_processes_train_save_restore_and_agree(tmp_path):
   """Two jax.distributed processes (2 CPU devices each, mesh data=1 x fsdp=4: parameters and optimizer state sharded
   across both processes) train 3 steps, checkpoint, restore; both gather the same parameters, the restore is exact,
   and the losses equal a 1-process 4-device run (rtol 1e-5)."""
-  base_env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+  base_env = dict(os.environ, XLA_FLAGS=fake_devices(2), JAX_PLATFORMS="cpu")
   base_env.pop("JAX_COMPILATION_CACHE_DIR", None)  # processes compiling at once: keep them off the shared cache
   port = free_port()
   envs = [dict(base_env, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
           for i in range(2)]
-  envs.append(dict(base_env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))  # the 1-process reference
+  envs.append(dict(base_env, XLA_FLAGS=fake_devices(4)))  # the 1-process reference
   workdirs = ["two", "two", "one"]
   procs = []
   for i, (env, workdir) in enumerate(zip(envs, workdirs)):  # all three at once; logs to files, never a full pipe
@@ -209,7 +214,7 @@ def test_small_batch_on_8_devices_default_mesh_equals_1_device():
   test_three_steps_on_8_devices_equal_1_device: losses rtol 1e-5, parameter |.| sums rtol 1e-5 + atol 1e-5. An
   explicit mesh_data=8 is refused in one line; sampling on 8 devices gives the 1-device images (within one uint8
   level)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=fake_devices(8), JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", SMALL_BATCH.format(tests=TESTS)], env=env, capture_output=True,
                           text=True, timeout=900, cwd=ROOT)
   assert result.returncode == 0, result.stderr[-3000:]
