@@ -11,11 +11,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # LLVM at -O0 for the suite's programs (XLA's HLO passes, fusion and library calls unchanged): the suite is
 # compile-bound, and this cuts XLA:CPU's compile time (test_golden_step.py, 4 compiles, one process, the same hour:
 # 151 CPU-seconds at XLA's default -O2, 127 at -O1, 106 at -O0). The generated loops round some results differently in
-# the last bits (the golden step's loss moves by 1e-7, inside its 1e-5 tolerance;
-# sampled images equal), and every comparison within the suite runs under the same flags: subprocesses inherit them,
-# and tests that add flags (fake devices) append to them. The one claim that needs the product's rounding (the
-# base-output prior loss is exactly 0 at step 0) runs in a subprocess at XLA's default (tests/test_base_output.py).
-# Set XLA_FLAGS with an optimization level of your own to test under it.
+# the last bits (the golden step's loss moves by 1e-7, inside its 1e-5 tolerance; sampled images equal), and every
+# comparison within the suite runs under the same flags: subprocesses inherit them, and tests that add flags (fake
+# devices) append to them. The one claim that needs the product's rounding (the base-output prior loss is exactly 0
+# at step 0) runs in a subprocess at XLA's default (tests/test_base_output.py). Set XLA_FLAGS with an optimization
+# level of your own to test under it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
