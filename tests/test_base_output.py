@@ -14,16 +14,6 @@ import pytest
 from test_train import fast_config
 
 
-def two_steps(config, workdir):
-  """(metrics of the first two train steps, job, first batch) through the trainer's own set-up and compiled step."""
-  from dreambooth_jax.training import run
-  job = run.setup(config, workdir)
-  batch = job.data.next_batch()
-  state, first = job.step_fn(job.state, batch, job.rng, job.frozen)
-  state, second = job.step_fn(state, job.data.next_batch(), job.rng, job.frozen)
-  return [{k: float(v) for k, v in m.items()} for m in (first, second)], job, batch
-
-
 # Run at XLA's default LLVM optimization level, as the product runs: the exact 0 needs the frozen base's forward pass
 # and the trained model's to round alike, which they do at -O2 and -O1 but not at -O0 (1e-13 there). The suite's
 # own level is set in conftest.py, so the run goes to a subprocess with that flag taken out.
@@ -31,12 +21,16 @@ STEP_ZERO = r"""
 import json, pathlib, sys
 import jax, numpy as np
 sys.path.insert(0, {tests!r})
-from test_base_output import two_steps
 from test_train import fast_config
-workdir = pathlib.Path({workdir!r})
+from dreambooth_jax.training import run
 config = fast_config("prior_preservation=base_output", "train_batch_size=2")
 config.lora.enabled = {lora!r}
-(metrics, after), job, batch = two_steps(config, workdir)
+# the first two train steps through the trainer's own set-up and compiled step
+job = run.setup(config, pathlib.Path({workdir!r}))
+batch = job.data.next_batch()
+state, first = job.step_fn(job.state, batch, job.rng, job.frozen)
+state, second = job.step_fn(state, job.data.next_batch(), job.rng, job.frozen)
+metrics, after = ({{k: float(v) for k, v in m.items()}} for m in (first, second))
 # the class examples: the instance photos' latents with the class prompt's embeddings
 prior = np.asarray(batch["prior"][0]).astype(bool)
 instance_means = [m[0] for m in job.data.latents["instance"]["mean"]]  # per image: (unflipped, flipped)

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from dreambooth_jax import cli
+from test_sharding import fake_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"
@@ -47,8 +48,7 @@ def test_user_mistakes_end_in_one_line(module, args, expected, tmp_path):
 def test_mesh_that_cannot_hold_the_batch_is_refused(tmp_path):
   """8 devices, global batch 2 (train_batch_size=1 with prior preservation), explicit mesh_data=8."""
   result = run_cli("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}", "--config.train_batch_size=1",
-                   "--config.mesh_data=8", tmp_path=tmp_path,
-                   XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
+                   "--config.mesh_data=8", tmp_path=tmp_path, XLA_FLAGS=fake_devices(8))
   assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("train: error: mesh_data=8 x mesh_fsdp=1 cannot split the global batch of 2 examples "
