@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dreambooth_jax import cli
-from test_sharding import fake_devices
+from xla_flags import fake_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.py"

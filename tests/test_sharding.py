@@ -15,14 +15,10 @@ from jax.sharding import PartitionSpec as P
 
 from dreambooth_jax import sharding
 from test_train import step_records
+from xla_flags import fake_devices
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = str(ROOT / "tests")
-
-
-def fake_devices(n: int) -> str:
-  """XLA_FLAGS for a subprocess with n CPU devices, keeping the suite's own flags (conftest.py)."""
-  return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={n}".strip()
 
 
 def test_make_mesh_sizes_and_errors():
