@@ -1,6 +1,7 @@
 """The SDXL family end to end against diffusers' StableDiffusionXLPipeline (PyTorch) on a tiny random-weight folder:
 text conditioning (both encoders' penultimate states, the projected pooled vector, zeros for an empty negative
-prompt), the whole DDIM sampler from given latents, training with real per-image time ids, export.
+prompt), the whole DDIM sampler from given latents, training with real per-image time ids (and, in the LoRA run,
+two subjects with a loss mask), export.
 
 Tolerance: fp32; text 1e-4 relative to the output's scale, images 1e-4 absolute on [0, 1].
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from test_models import assert_close
-from test_train import fast_config, read_losses
+from test_train import fast_config, read_losses, step_records
 from dreambooth_jax.io import diffusers_folder
 from dreambooth_jax.sampling import sampler
 
@@ -135,19 +136,34 @@ def test_sdxl_dreambooth_run_trains_and_exports_a_diffusers_folder(sdxl_run, tin
 
 
 def test_sdxl_lora_run_exports_files_diffusers_loads(tiny_sdxl_dir, tmp_path):
-  """LoRA on the SDXL UNet attention and both text encoders: only the factors train; the PEFT file written at the
-  end and a kohya file (SGM names) load in StableDiffusionXLPipeline and give our sampler's images."""
+  """LoRA on the SDXL UNet attention and both text encoders, on two subjects (config.concepts) with a loss mask on
+  one photo: only the factors train, each subject's loss is logged, and the batches carry the masks with the time
+  ids; the PEFT file written at the end and a kohya file (SGM names) load in StableDiffusionXLPipeline and give our
+  sampler's images."""
+  from PIL import Image
   from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+  from test_concepts import two_subjects
+  from dreambooth_jax.data import batches
   from dreambooth_jax.models import lora
   from dreambooth_jax.training import run, run_state
   workdir = tmp_path / "run"
   config = fast_config(f"pretrained_model_name_or_path={tiny_sdxl_dir}", "random_init=False", "max_train_steps=4",
                        "checkpointing_steps=4", "validation_steps=0", "with_prior_preservation=False",
-                       "learning_rate=5e-2")
+                       "learning_rate=5e-2", "masked_loss=True")
+  config.concepts = two_subjects(tmp_path)
+  mask = np.zeros((40, 40), np.uint8)  # the toy's first photo (40 x 40): its top half counts
+  mask[:20] = 255
+  Image.fromarray(mask).save(pathlib.Path(config.concepts[1]["instance_data_dir"]) / "00_mask.png")
   config.lora.enabled = True
   config.lora.text_encoder = True  # LoRA on both text encoders too (lora_te1_/lora_te2_, text_encoder_2.)
   run.train(config, workdir)
   _, view, _ = run_state.load_run(workdir, None)
+  records = [r for r in step_records(workdir) if "loss" in r]
+  per_subject = {n: [r[f"instance_loss/{n}"] for r in records] for n in ("dog", "zwx toy")}  # None: not in the step
+  assert len(records) == 4 and all(any(v is not None for v in losses) and all(v is None or np.isfinite(v)
+                                                                               for v in losses)
+                                   for losses in per_subject.values()), per_subject
+  assert {"mask", "time_ids"} <= set(batches.batch_schema(config, view))
   assert lora.lora_modules(view.unet) and all(lora.lora_modules(view.modules[n]) for n in view.family.TEXT_ENCODERS)
   from dreambooth_jax.io import export as export_lib
   kohya = export_lib.export(view, config, tmp_path / "kohya.safetensors", "lora_kohya")
