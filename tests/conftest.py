@@ -18,7 +18,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # at step 0) runs in a subprocess under XLA's defaults (tests/test_base_output.py). Set any of these flags in
 # XLA_FLAGS yourself to test under your value.
 _flags = xla_flags.with_suite_flags(os.environ.get("XLA_FLAGS", ""))
-if _flags != os.environ.get("XLA_FLAGS", ""):  # not yet set (an xdist worker inherits them, checked)
+if _flags != os.environ.get("XLA_FLAGS", ""):  # xdist workers inherit the controller's: only it probes XLA
   os.environ["XLA_FLAGS"] = xla_flags.known_to_xla(_flags)
 
 import pytest

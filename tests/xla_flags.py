@@ -14,13 +14,14 @@ import sys
 #    diffusers-test train step compiles in 26 s with the older emitter, 14 s without, and runs as fast), so the
 #    product keeps XLA's defaults.
 # test_golden_step.py (4 compiles, one process, cold cache): 151 CPU-seconds at XLA's defaults, 106 at -O0 (one
-# hour); 86 at -O0 and 53 with all three (another hour). The whole suite on 2 cores: 28.2 -> 22.9 CPU-minutes.
+# hour); 86 at -O0 and 53 with all three (another hour). The whole suite on 2 cores: 28.2 CPU-minutes at -O0
+# alone, 22.9 with all three.
 SUITE = {"xla_backend_optimization_level": "0", "xla_cpu_use_fusion_emitters": "false",
          "xla_cpu_parallel_codegen_split_count": "1"}
 
 
 def with_suite_flags(flags: str) -> str:
-  """flags plus each suite flag it does not already set (a level of your own is kept: tests run under it)."""
+  """flags plus each suite flag it does not already set (a value of your own is kept: tests run under it)."""
   return " ".join([*flags.split(), *(f"--{k}={v}" for k, v in SUITE.items() if k not in flags)])
 
 
