@@ -159,10 +159,10 @@ def test_sdxl_lora_run_exports_files_diffusers_loads(tiny_sdxl_dir, tmp_path):
   run.train(config, workdir)
   _, view, _ = run_state.load_run(workdir, None)
   records = [r for r in step_records(workdir) if "loss" in r]
-  per_subject = {n: [r[f"instance_loss/{n}"] for r in records] for n in ("dog", "zwx toy")}  # None: not in the step
-  assert len(records) == 4 and all(any(v is not None for v in losses) and all(v is None or np.isfinite(v)
-                                                                               for v in losses)
-                                   for losses in per_subject.values()), per_subject
+  assert len(records) == 4, records
+  for name in ("dog", "zwx toy"):  # logged at the steps the subject is in (None at the others), and finite
+    losses = [r[f"instance_loss/{name}"] for r in records if r[f"instance_loss/{name}"] is not None]
+    assert losses and np.isfinite(losses).all(), (name, records)
   assert {"mask", "time_ids"} <= set(batches.batch_schema(config, view))
   assert lora.lora_modules(view.unet) and all(lora.lora_modules(view.modules[n]) for n in view.family.TEXT_ENCODERS)
   from dreambooth_jax.io import export as export_lib
